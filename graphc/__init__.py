@@ -1,0 +1,1 @@
+"""graphc: a static graph compiler for Caffe nets."""

@@ -1,0 +1,159 @@
+"""The op registry: one ``Op`` subclass per Caffe layer type (and per internal op).
+
+Everything about one op lives on its class, side by side:
+
+* ``from_caffe(layer, phase)``  LayerParameter (protobuf) -> plain attribute dict
+* ``param_specs(attrs, in_types)``  the learnable blobs it owns (shape, filler), Caffe order
+* ``infer(attrs, in_types, param_types)``  output tensor types (shape inference + checks)
+* ``forward(attrs, inputs, params, ctx)``  reference semantics in numpy, exactly Caffe's
+* ``cost(attrs, in_types, param_types, out_types)``  flops and bytes
+* (training issue) ``backward(...)``  gradient rule
+
+Attributes are plain data (int, float, bool, str, lists of those, dicts of those), so the
+IR text printer/parser can round-trip them.  Ops raise ``OpError(message, hint=...)``; the
+caller adds file, line and layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from ..errors import OpError
+from ..ir.types import TensorType
+
+_REGISTRY: dict[str, "Op"] = {}
+
+
+def register(cls):
+    """Class decorator: instantiate and register an Op subclass under ``cls.type``."""
+    inst = cls()
+    if not inst.type:
+        raise TypeError(f"{cls.__name__} has no type")
+    if inst.type in _REGISTRY:
+        raise TypeError(f"op {inst.type!r} registered twice")
+    _REGISTRY[inst.type] = inst
+    return cls
+
+
+def get_op(type_name: str) -> "Op":
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        raise OpError(f"unknown layer type '{type_name}'",
+                      hint=f"known types: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def has_op(type_name: str) -> bool:
+    return type_name in _REGISTRY
+
+
+def all_ops() -> dict[str, "Op"]:
+    return dict(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A learnable blob an op owns: its shape and its filler (a dict like
+    ``{"type": "xavier", "variance_norm": "FAN_IN"}``; see ops/fillers.py)."""
+    shape: tuple[int, ...]
+    filler: dict = field(default_factory=lambda: {"type": "constant", "value": 0.0})
+
+
+@dataclass
+class Cost:
+    flops: int = 0
+    bytes: int = 0
+
+
+class Context:
+    """What a forward call may need beyond its inputs: the phase, a random generator
+    (Dropout, DummyData), and a per-node persistent state dict (Python layers)."""
+
+    def __init__(self, phase: str = "test", rng: np.random.Generator | None = None):
+        self.phase = phase
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self._state: dict[str, dict] = {}
+        self.node = None  # the Node being executed, set by the executor
+
+    @property
+    def state(self) -> dict:
+        key = self.node.name if self.node is not None else ""
+        return self._state.setdefault(key, {})
+
+
+class Op:
+    type: ClassVar[str] = ""
+    #: LayerParameter field holding this op's parameters, e.g. "convolution_param"
+    caffe_param: ClassVar[str | None] = None
+    #: number of data inputs (bottoms): exact int, or (min, max) with max None = unbounded
+    num_inputs: ClassVar[int | tuple[int, int | None]] = 1
+    #: number of outputs (tops): exact int, or (min, max)
+    num_outputs: ClassVar[int | tuple[int, int | None]] = 1
+    #: a loss layer: its first top gets loss_weight 1 by default (Caffe's rule)
+    is_loss: ClassVar[bool] = False
+    #: forward updates its params in place (BatchNorm moving averages in training)
+    updates_params: ClassVar[bool] = False
+    #: elementwise op that may legally run in place (output may alias input 0)
+    inplace_ok: ClassVar[bool] = False
+
+    # ---- Caffe -> attributes -------------------------------------------------
+    def from_caffe(self, layer, phase: str) -> dict:
+        """Read this op's attributes from a LayerParameter. ``phase`` is "train"/"test"."""
+        return {}
+
+    # ---- parameters ---------------------------------------------------------
+    def param_specs(self, attrs: dict, in_types: list[TensorType]) -> list[ParamSpec]:
+        return []
+
+    # ---- shapes -------------------------------------------------------------
+    def infer(self, attrs: dict, in_types: list[TensorType],
+              param_types: list[TensorType]) -> list[TensorType]:
+        raise NotImplementedError(f"{self.type}.infer")
+
+    # ---- reference semantics ------------------------------------------------
+    def forward(self, attrs: dict, inputs: list[np.ndarray], params: list[np.ndarray],
+                ctx: Context) -> list[np.ndarray]:
+        raise NotImplementedError(f"{self.type}.forward")
+
+    # ---- cost ---------------------------------------------------------------
+    def cost(self, attrs: dict, in_types: list[TensorType], param_types: list[TensorType],
+             out_types: list[TensorType]) -> Cost:
+        """Default: one flop per output element; bytes = everything read + written."""
+        return Cost(flops=sum(t.numel for t in out_types),
+                    bytes=sum(t.nbytes for t in (*in_types, *param_types, *out_types)))
+
+    # ---- helpers ------------------------------------------------------------
+    def check_arity(self, n_in: int, n_out: int) -> None:
+        for what, n, want in (("bottom", n_in, self.num_inputs), ("top", n_out, self.num_outputs)):
+            lo, hi = (want, want) if isinstance(want, int) else want
+            if n < lo or (hi is not None and n > hi):
+                exp = str(lo) if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+                raise OpError(f"{self.type} takes {exp} {what}(s), got {n}",
+                              hint=f"give the layer {exp} '{what}' field(s)")
+
+
+def filler_to_dict(msg) -> dict:
+    """FillerParameter message -> attribute dict (only what a filler needs)."""
+    d = {"type": msg.type}
+    for name in ("value", "min", "max", "mean", "std", "sparse"):
+        d[name] = getattr(msg, name)
+    # enum VarianceNorm: FAN_IN=0, FAN_OUT=1, AVERAGE=2
+    d["variance_norm"] = ("FAN_IN", "FAN_OUT", "AVERAGE")[msg.variance_norm]
+    return d
+
+
+def expect_same_shape(types: list[TensorType], what: str, hint: str | None = None) -> None:
+    first = types[0].shape
+    for i, t in enumerate(types[1:], 1):
+        if t.shape != first:
+            raise OpError(f"{what}: bottom 0 has shape {list(first)} but bottom {i} has "
+                          f"shape {list(t.shape)}", hint=hint)
+
+
+def canonical_axis(axis: int, rank: int, what: str = "axis") -> int:
+    if not -rank <= axis < rank:
+        raise OpError(f"{what} {axis} is out of range for a {rank}-D blob",
+                      hint=f"use an {what} in [{-rank}, {rank - 1}]")
+    return axis + rank if axis < 0 else axis
