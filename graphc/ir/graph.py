@@ -39,9 +39,10 @@ class Param:
     lr_mult: float = 1.0
     decay_mult: float = 1.0
     data: np.ndarray | None = None    # the values, when known
+    filler: dict | None = None        # how to initialize it (ops/fillers.py), when known
 
     def copy(self) -> "Param":
-        return Param(self.name, self.type, self.lr_mult, self.decay_mult, self.data)
+        return Param(self.name, self.type, self.lr_mult, self.decay_mult, self.data, self.filler)
 
 
 class Graph:

@@ -180,7 +180,8 @@ class _Parser:
 
     # -- grammar
     def type_(self) -> TensorType:
-        dtype = self.expect_kind("ident", "a tensor type like f32[1,2]").text
+        dtok = self.expect_kind("ident", "a tensor type like f32[1,2]")
+        dtype = dtok.text
         self.expect("[")
         dims = []
         while not self.accept("]"):
@@ -190,7 +191,7 @@ class _Parser:
         try:
             return TensorType(tuple(dims), dtype)
         except ValueError as e:
-            raise self.error(str(e))
+            raise self.error(str(e), dtok)
 
     def value(self) -> Any:
         t = self.tok

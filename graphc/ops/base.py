@@ -97,6 +97,11 @@ class Op:
     updates_params: ClassVar[bool] = False
     #: elementwise op that may legally run in place (output may alias input 0)
     inplace_ok: ClassVar[bool] = False
+    #: Caffe fixes the learning rate of all this op's blobs (BatchNorm: 0)
+    fixed_lr_mult: ClassVar[float | None] = None
+    #: data-producing layer with no bottoms whose outputs are fed from outside the graph
+    #: (Input): lowered to graph inputs, not to a node
+    is_graph_input: ClassVar[bool] = False
 
     # ---- Caffe -> attributes -------------------------------------------------
     def from_caffe(self, layer, phase: str) -> dict:
