@@ -47,7 +47,9 @@ class _Neuron(Op):
 
     def forward(self, attrs, inputs, params, ctx):
         x = inputs[0]
-        return [np.asarray(self.compute(attrs, x, params, ctx), dtype=x.dtype)]
+        with np.errstate(all="ignore"):  # NaN/inf results are Caffe's too; no warnings
+            y = self.compute(attrs, x, params, ctx)
+        return [np.asarray(y, dtype=x.dtype)]
 
     def compute(self, attrs: dict, x: np.ndarray, params, ctx: Context) -> np.ndarray:
         raise NotImplementedError(f"{self.type}.compute")
@@ -67,7 +69,8 @@ def _c(x: np.ndarray, value: float):
 
 @register
 class ReLU(_Neuron):
-    """``y = max(x, 0) + negative_slope * min(x, 0)`` (Caffe's exact expression)."""
+    """``y = max(x, 0) + negative_slope * min(x, 0)``, Caffe's exact expression (so, as in
+    Caffe, ``-inf`` gives NaN when ``negative_slope`` is 0)."""
     type = "ReLU"
     caffe_param = "relu_param"
 
@@ -76,11 +79,7 @@ class ReLU(_Neuron):
 
     def compute(self, attrs, x, params, ctx):
         zero = _c(x, 0)
-        y = np.maximum(x, zero)
-        slope = attrs["negative_slope"]
-        if slope != 0:
-            y = y + _c(x, slope) * np.minimum(x, zero)
-        return y
+        return np.maximum(x, zero) + _c(x, attrs["negative_slope"]) * np.minimum(x, zero)
 
     def flops_per_element(self, attrs):
         return 1 if attrs["negative_slope"] == 0 else 3
@@ -235,8 +234,9 @@ class Power(_Neuron):
 
 
 def _check_base(op_type: str, base: float) -> None:
-    if base != -1 and not base > 0:
-        raise OpError(f"{op_type} base must be strictly positive (or -1 for e), got {base}",
+    if base != -1 and not (base > 0 and math.isfinite(base)):
+        raise OpError(f"{op_type} base must be strictly positive and finite (or -1 for e), "
+                      f"got {base}",
                       hint="set base to a positive number, or -1 (the default) for base e")
 
 
@@ -326,7 +326,8 @@ class Log(_Neuron):
 @register
 class BNLL(_Neuron):
     """Binomial normal log likelihood, softplus ``log(1 + exp(x))`` in Caffe's stable form
-    ``x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x))`` (Caffe evaluates the log in double)."""
+    ``x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x))``. As in Caffe's C++, ``exp`` is taken
+    in float and the ``1. + ...``, ``log`` and the sum in double, then stored as float."""
     type = "BNLL"
 
     def from_caffe(self, layer, phase):
@@ -334,10 +335,9 @@ class BNLL(_Neuron):
 
     def compute(self, attrs, x, params, ctx):
         xd = x.astype(np.float64)
-        with np.errstate(over="ignore"):
-            pos = xd + np.log(1.0 + np.exp(-xd))
-            neg = np.log(1.0 + np.exp(xd))
-        return np.where(xd > 0, pos, neg)
+        pos = xd + np.log(1.0 + np.exp(-x).astype(np.float64))
+        neg = np.log(1.0 + np.exp(x).astype(np.float64))
+        return np.where(x > 0, pos, neg)
 
     def flops_per_element(self, attrs):
         return 2 * TRANSCENDENTAL_FLOPS + 3
