@@ -1,1 +1,13 @@
-"""graphc: a static graph compiler for Caffe nets."""
+"""graphc: a static graph compiler for Caffe nets.
+
+    net = graphc.Net("net.prototxt", weights="net.caffemodel", phase="test")
+    out = net.forward(data=x)
+"""
+from .errors import GraphcError
+from .net import Net
+from .ops.python_layer import PythonLayer
+from .frontend.netspec import NetSpec, L, P, to_proto
+layers, params = L, P   # pycaffe spells them caffe.layers and caffe.params
+
+__all__ = ["Net", "NetSpec", "L", "P", "layers", "params", "to_proto", "PythonLayer", "GraphcError"]
+__version__ = "0.1.0"

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GraphcError
-from .frontend.lower import lower
-from .frontend.prototxt import NetSource, load_net_source
+from .frontend.lower import load_net_source, lower
+from .frontend.prototxt import NetSource
 from .ir.graph import Graph
 from .ops.base import Context
 from .reference import ReferenceExecutor

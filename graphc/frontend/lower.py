@@ -19,7 +19,21 @@ from ..errors import GraphcError, OpError
 from ..ir.graph import Graph, Node, Param
 from ..ir.types import TensorType
 from ..ops import get_op, has_op, all_ops
-from .prototxt import NetSource, filter_net
+from .prototxt import NetSource, filter_net, read_net
+
+def load_net_source(model) -> NetSource:
+    """A net from a .prototxt path, a NetSource, a caffe_pb2.NetParameter, or anything with
+    ``to_proto()`` (a NetSpec)."""
+    from . import caffe_pb2
+    if isinstance(model, NetSource):
+        return model
+    if hasattr(model, "to_proto"):
+        model = model.to_proto()
+    if isinstance(model, caffe_pb2.NetParameter):
+        from .upgrade import upgrade_net
+        net, _ = upgrade_net(model)
+        return NetSource(net, f"<net {net.name or 'unnamed'}>", [])
+    return read_net(model)
 
 PHASES = ("train", "test")
 
@@ -41,16 +55,20 @@ def lower(src: NetSource, phase: str = "test", *, level: int = 0, stages=(),
     phase = _phase_name(phase)
     net, kept = filter_net(src.net, phase, level, tuple(stages))
     lines = [src.layer_lines[i] if i < len(src.layer_lines) else None for i in kept]
+    net, lines = insert_splits(net, lines)
     g = Graph(net.name or "net")
     current: dict[str, str] = {}          # Caffe blob name -> current SSA value
     node_names: set[str] = set()
     consumed: set[str] = set()
     input_shapes = dict(input_shapes or {})
 
-    for layer, line in zip(net.layer, lines):
+    for idx, (layer, line) in enumerate(zip(net.layer, lines)):
         where = f"{src.filename}:{line}" if line else src.filename
         lname = layer.name or f"{layer.type.lower()}{len(node_names)}"
         try:
+            for b in layer.bottom:
+                if b not in current:
+                    raise _missing_bottom(net, lines, src.filename, idx, b, current)
             _lower_layer(g, layer, lname, phase, where, current, node_names, consumed,
                          input_shapes, batch)
         except GraphcError as e:
@@ -65,6 +83,107 @@ def lower(src: NetSource, phase: str = "test", *, level: int = 0, stages=(),
     from ..ir.verify import verify
     verify(g, check_types=False)
     return g
+
+
+def split_blob_name(layer: str, blob: str, top_index: int, k: int) -> str:
+    return f"{blob}_{layer}_{top_index}_split_{k}"
+
+
+def insert_splits(net, lines):
+    """Caffe's InsertSplits: a blob version read by more than one layer (a top with a
+    nonzero explicit loss_weight counts as one reader) gets a Split layer right after its
+    producer, and each reader reads its own split top.  Caffe's names
+    (``<blob>_<layer>_<i>_split[_k]``) are kept so blobs match pycaffe's ``net.blobs``.
+    Returns (new net, line of each new layer). Unknown bottoms are left for the lowering
+    to report."""
+    from . import caffe_pb2
+    last_top: dict[str, tuple[int, int]] = {}
+    source: dict[tuple[int, int], tuple[int, int]] = {}
+    count: dict[tuple[int, int], int] = {}
+    loss_w: dict[tuple[int, int], float] = {}
+    for i, layer in enumerate(net.layer):
+        for j, b in enumerate(layer.bottom):
+            if b in last_top:
+                source[(i, j)] = last_top[b]
+                count[last_top[b]] = count.get(last_top[b], 0) + 1
+        for j, t in enumerate(layer.top):
+            last_top[t] = (i, j)
+        for j in range(min(len(layer.loss_weight), len(layer.top))):
+            idx = last_top[layer.top[j]]
+            loss_w[idx] = layer.loss_weight[j]
+            if loss_w[idx]:
+                count[idx] = count.get(idx, 0) + 1
+    if not any(c > 1 for c in count.values()):
+        return net, lines
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    out.ClearField("layer")
+    out_lines = []
+    next_split: dict[tuple[int, int], int] = {}
+    for i, layer in enumerate(net.layer):
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        out_lines.append(lines[i])
+        for j, b in enumerate(layer.bottom):
+            idx = source.get((i, j))
+            if idx is not None and count[idx] > 1:
+                k = next_split.get(idx, 0)
+                next_split[idx] = k + 1
+                new.bottom[j] = split_blob_name(net.layer[idx[0]].name, b, idx[1], k)
+        for j, t in enumerate(layer.top):
+            n = count.get((i, j), 0)
+            if n <= 1:
+                continue
+            split = out.layer.add()
+            split.name = f"{t}_{layer.name}_{j}_split"
+            split.type = "Split"
+            split.bottom.append(t)
+            w = loss_w.get((i, j), 0.0)
+            for k in range(n):
+                split.top.append(split_blob_name(layer.name, t, j, k))
+                if w:
+                    split.loss_weight.append(w if k == 0 else 0.0)
+            if w:
+                new.ClearField("loss_weight")
+                next_split[(i, j)] = next_split.get((i, j), 0) + 1
+            out_lines.append(lines[i])
+    return out, out_lines
+
+
+def _missing_bottom(net, lines, filename, idx, blob, current) -> GraphcError:
+    """The error for a bottom no earlier layer produces: a typo, a layer out of order, or
+    a cycle (Caffe runs layers in file order, so a net's blobs must flow forward)."""
+    later = [j for j in range(idx + 1, len(net.layer)) if blob in net.layer[j].top]
+    if not later:
+        return GraphcError(f"bottom '{blob}' is not produced by any layer",
+                           hint=f"add a layer with top: \"{blob}\" before this one, or fix the "
+                                f"name (blobs so far: {', '.join(current) or 'none'})")
+    import networkx as nx
+    dg = nx.DiGraph()
+    producers: dict[str, list[int]] = {}
+    for j, layer in enumerate(net.layer):
+        for t in layer.top:
+            producers.setdefault(t, []).append(j)
+    for j, layer in enumerate(net.layer):
+        for b in layer.bottom:
+            for p in producers.get(b, []):
+                if p != j:
+                    dg.add_edge(p, j)
+    j = later[0]
+    at = f"{filename}:{lines[j]}" if lines[j] else filename
+    try:
+        cycle = nx.find_cycle(dg, idx)
+    except nx.NetworkXNoCycle:
+        cycle = None
+    if cycle:
+        names = " -> ".join(net.layer[a].name for a, _ in cycle) + f" -> {net.layer[idx].name}"
+        return GraphcError(f"bottom '{blob}' comes from layer '{net.layer[j].name}' ({at}), "
+                           f"which depends on this layer: the layers form a cycle ({names})",
+                           hint="a Caffe net must be acyclic; rename the blob that closes the loop")
+    return GraphcError(f"bottom '{blob}' is produced only by a later layer "
+                       f"'{net.layer[j].name}' ({at})",
+                       hint=f"Caffe runs layers in file order: move layer '{net.layer[j].name}' "
+                            f"before this one")
 
 
 def _unique(name: str, taken) -> str:
@@ -90,13 +209,7 @@ def _lower_layer(g: Graph, layer, lname: str, phase: str, where: str, current: d
     bottoms, tops = list(layer.bottom), list(layer.top)
     op.check_arity(len(bottoms), len(tops))
 
-    in_values = []
-    for b in bottoms:
-        if b not in current:
-            raise GraphcError(f"bottom '{b}' is not produced by any earlier layer",
-                              hint=f"add a layer with top: \"{b}\" before this one, or fix the "
-                                   f"name (blobs so far: {', '.join(current) or 'none'})")
-        in_values.append(current[b])
+    in_values = [current[b] for b in bottoms]
     in_types = [g.types[v] for v in in_values]
 
     if op.is_graph_input:
@@ -141,6 +254,8 @@ def _lower_layer(g: Graph, layer, lname: str, phase: str, where: str, current: d
         pname = shared or _unique(f"{lname}.{i}", g.params)
         g.add_param(Param(pname, t, float(lr), float(decay), None, dict(spec.filler)))
         pnames.append(pname)
+    for key in op.init_attrs:
+        attrs.pop(key, None)
     param_types = [g.params[p].type for p in pnames]
     out_types = op.infer(attrs, in_types, param_types)
 

@@ -97,6 +97,9 @@ class Op:
     updates_params: ClassVar[bool] = False
     #: elementwise op that may legally run in place (output may alias input 0)
     inplace_ok: ClassVar[bool] = False
+    #: attributes needed only to initialize params (fillers): the lowering moves them onto
+    #: the Params and drops them from the node
+    init_attrs: ClassVar[tuple[str, ...]] = ()
     #: Caffe fixes the learning rate of all this op's blobs (BatchNorm: 0)
     fixed_lr_mult: ClassVar[float | None] = None
     #: data-producing layer with no bottoms whose outputs are fed from outside the graph
