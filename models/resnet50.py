@@ -13,9 +13,9 @@ STAGES = {2: (3, 64, 256, 1), 3: (4, 128, 512, 2), 4: (6, 256, 1024, 2),
           5: (3, 512, 2048, 2)}
 
 
-def _conv_bn(n: NetSpec, name: str, suffix: str, bottom, num_output: int, kernel_size: int,
+def _conv_bn(n: NetSpec, suffix: str, bottom, num_output: int, kernel_size: int,
              pad: int, stride: int):
-    """Bias-free ``res<name>`` convolution, in-place ``bn<suffix>`` and ``scale<suffix>``."""
+    """Bias-free convolution ``res<suffix>``, then in-place ``bn<suffix>``, ``scale<suffix>``."""
     n[f"res{suffix}"] = L.Convolution(bottom, num_output=num_output, kernel_size=kernel_size,
                                       pad=pad, stride=stride, bias_term=False)
     n[f"bn{suffix}"] = L.BatchNorm(n[f"res{suffix}"], in_place=True, use_global_stats=True)
@@ -28,13 +28,13 @@ def _bottleneck(n: NetSpec, block: str, bottom, width: int, out: int, stride: in
     """Block ``res<block>``: 1x1 (stride) -> 3x3 -> 1x1, plus the shortcut (a strided 1x1
     projection ``branch1`` when the shape changes), summed and passed through a ReLU."""
     if project:
-        shortcut = _conv_bn(n, block, f"{block}_branch1", bottom, out, 1, 0, stride)
+        shortcut = _conv_bn(n, f"{block}_branch1", bottom, out, 1, 0, stride)
     else:
         shortcut = bottom
     x = bottom
     for branch, (c, k, pad, s) in zip("abc", [(width, 1, 0, stride), (width, 3, 1, 1),
                                                (out, 1, 0, 1)]):
-        x = _conv_bn(n, block, f"{block}_branch2{branch}", x, c, k, pad, s)
+        x = _conv_bn(n, f"{block}_branch2{branch}", x, c, k, pad, s)
         if branch != "c":
             n[f"res{block}_branch2{branch}_relu"] = L.ReLU(x, in_place=True)
             x = n[f"res{block}_branch2{branch}_relu"]

@@ -25,13 +25,31 @@ def run(capsys, *argv):
 
 
 def test_dump_lenet(capsys):
-    code, out, err = run(capsys, "dump", LENET)
+    code, out, err = run(capsys, "dump", LENET, "--after", "lower")
     assert code == 0, err
     assert '%conv1: f32[1,20,24,24] = Convolution(%data, $conv1.0, $conv1.1)' in out
     assert '%ip1~relu1: f32[1,500] = ReLU(%ip1)' in out
     assert "flops=" in out and "// totals:" in out
-    # conv1: 20*24*24 outputs x 25 MACs x 2 + bias
     assert "output %prob" in out
+    # the dump parses back as IR (costs are comments)
+    from graphc.ir import parse_graph, print_graph
+    import re
+    g = parse_graph(out)
+    without_comments = "".join(re.sub(r"\s*//.*", "", line) + "\n"
+                               for line in out.splitlines() if not line.startswith("//"))
+    assert print_graph(g) == without_comments and len(g.nodes) == 8
+
+
+def test_dump_default_pipeline_fuses(capsys):
+    code, out, err = run(capsys, "dump", LENET)
+    assert code == 0, err
+    assert "Fused(" in out and 'name="ip1+relu1"' in out
+
+
+def test_print_after_all(capsys):
+    code, out, _ = run(capsys, "dump", LENET, "--print-after-all")
+    assert code == 0
+    assert "// ---- IR after lower ----" in out and "// ---- IR after fuse ----" in out
 
 
 def test_dump_batch_and_json(capsys):
@@ -101,7 +119,7 @@ def test_weights_shape_mismatch(capsys, tmp_path):
     other = write(tmp_path, LENET.read_text().replace("num_output: 500", "num_output: 400"))
     code, _, err = run(capsys, "dump", other, "--weights", model)
     assert code == 1
-    assert "ip1" in err and "[400, 800]" in err and "[500, 800]" in err
+    assert "layer 'ip1'" in err and "(400, 800)" in err and "(500, 800)" in err
 
 
 def test_truncated_and_corrupt_caffemodel(capsys, tmp_path):

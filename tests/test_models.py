@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 
 import pytest
 from google.protobuf import text_format
-from google.protobuf.descriptor import FieldDescriptor
 
 from graphc.frontend import caffe_pb2
 from graphc.frontend.upgrade import upgrade_net
@@ -126,14 +126,35 @@ def _golden_shapes(shared_dir) -> dict[str, dict[str, tuple[int, ...]]]:
     return out
 
 
+def _caffe_split_blobs(net) -> dict[str, str]:
+    """The blobs of the Split layers Caffe's InsertSplits adds: a blob version read by k > 1
+    layers gets a Split with tops ``<blob>_<producer layer>_<top index>_split_<0..k-1>``.
+    Returns split blob -> the blob it copies."""
+    producer: dict[str, tuple[str, str, int]] = {}
+    readers: Counter = Counter()
+    for layer in net.layer:
+        for b in layer.bottom:                 # read before an in-place layer rewrites it
+            readers[producer[b]] += 1
+        for i, t in enumerate(layer.top):
+            producer[t] = (t, layer.name, i)
+    return {f"{b}_{lname}_{i}_split_{k}": b
+            for (b, lname, i), count in readers.items() if count > 1 for k in range(count)}
+
+
 @pytest.mark.parametrize("model", sorted(ZOO))
 def test_model_blob_shapes_match_caffe(model, shared_dir):
     _, golden, _ = ZOO[model]
     expected = _golden_shapes(shared_dir)[golden]
     assert expected, f"no shapes for {golden} in SHAPES.md"
     batch = expected["data"][0]
-    graph = MODELS[model](batch=batch).to_graph("test", batch=batch)
-    last = graph.blob_versions()
-    got = {blob: tuple(graph.types[v].shape) for blob, v in last.items()}
+    spec = MODELS[model](batch=batch)
+    # Caffe's split blobs (copies of a blob read by several layers) are where expected
+    splits = _caffe_split_blobs(spec.to_proto())
+    assert {b for b in expected if "_split_" in b} == set(splits)
+    for split, src in splits.items():
+        assert expected[split] == expected[src], split
+
+    graph = spec.to_graph("test", batch=batch)
+    got = {blob: tuple(graph.types[v].shape) for blob, v in graph.blob_versions().items()}
     assert list(got) == list(expected)          # Caffe's blob creation order
     assert got == expected

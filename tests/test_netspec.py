@@ -200,7 +200,7 @@ def test_enum_by_name_by_constant_and_by_number_agree():
         return L.Pooling(L.Input(shape=dict(dim=[1, 1, 4, 4])), pool=v,
                          kernel_size=2).to_proto().layer[1]
     assert P.Pooling.MAX == caffe_pb2.PoolingParameter.MAX
-    assert pool("AVE") == pool(P.Pooling.AVE) == pool(1)
+    assert pool("AVE") == pool(P.Pooling.AVE) == pool(1) == pool(np.int32(1))
     assert pool("AVE").pooling_param.pool == caffe_pb2.PoolingParameter.AVE
     assert pool("STOCHASTIC") != pool("MAX")
 
@@ -280,6 +280,7 @@ def test_unnamed_layer_errors_at_to_proto_with_its_auto_name():
     (dict(kernel_size=2.5), "expects an integer"),
     (dict(kernel_size=-1), "out of range"),
     (dict(global_pooling=1), "expects true or false"),
+    (dict(pool=True), "True is not a value of enum"),
     (dict(stride=[1, 2]), "takes one value"),
     (dict(top=["x"]), "'top' cannot be given"),
     (dict(type="Convolution"), "'type' cannot be given"),
@@ -320,3 +321,10 @@ def test_bad_bottoms_and_assignments():
         n.to_proto()
     with pytest.raises(AttributeError, match="no top named 'nothing'"):
         n.nothing
+
+
+@pytest.mark.parametrize("value, pattern", [
+    (True, "expects a number"), ("0.5", "expects a number"), (None, "expects a number")])
+def test_bad_float_values(value, pattern):
+    with pytest.raises(GraphcError, match=pattern):
+        L.Dropout(L.Input(shape=dict(dim=[1])), dropout_ratio=value).to_proto()

@@ -1,6 +1,5 @@
 """The Python layer: a user module written to tmp_path, run through infer and forward."""
 import sys
-import textwrap
 import uuid
 
 import numpy as np
@@ -10,7 +9,7 @@ from google.protobuf import text_format
 from graphc.errors import OpError
 from graphc.ir.types import TensorType
 from graphc.ops import Context, get_op
-from graphc.ops.python_layer import Blob, PythonLayer
+from graphc.ops.python_layer import Blob
 
 LAYERS = '''
 import numpy as np

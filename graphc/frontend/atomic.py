@@ -27,10 +27,10 @@ def atomic_write(path, data: bytes) -> None:
         raise FileFormatError(f"cannot write here: {e.strerror or e}", where=str(path),
                               hint="check that the directory exists and is writable") from None
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600); give it the mode open() would
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

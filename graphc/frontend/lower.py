@@ -206,7 +206,12 @@ def _lower_layer(g: Graph, layer, lname: str, phase: str, where: str, current: d
         raise GraphcError(f"unknown layer type '{layer.type}'", hint=hint)
     op = get_op(layer.type)
     attrs = op.from_caffe(layer, phase)
+    if "search_dir" in attrs and attrs["search_dir"] is None:   # Python layers
+        import os
+        attrs["search_dir"] = os.path.dirname(os.path.abspath(where.rsplit(":", 1)[0]))
     bottoms, tops = list(layer.bottom), list(layer.top)
+    if op.is_loss and not tops:   # Caffe's AutoTopBlobs: a loss layer always has a top
+        tops = ["(automatic)"]
     op.check_arity(len(bottoms), len(tops))
 
     in_values = [current[b] for b in bottoms]

@@ -99,6 +99,9 @@ class _Ctx:
     def __init__(self, layer: str | None, layer_type: str):
         self.layer = layer
         self.layer_type = layer_type
+        field = param_field_for(layer_type)
+        # the layer type's own parameter message (for the loss_param/transform_param hint)
+        self.type_param = _LAYER_FIELDS[field].message_type if field else None
 
     def error(self, message: str, hint: str | None = None) -> GraphcError:
         return GraphcError(message, layer=self.layer, layer_type=self.layer_type, hint=hint)
@@ -109,12 +112,20 @@ def _unknown_field(ctx: _Ctx, msg: Message, key: str) -> GraphcError:
     close = difflib.get_close_matches(key, names, n=3)
     hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
             else f"{msg.DESCRIPTOR.name} has: {', '.join(names) or '(no fields)'}")
-    if msg.DESCRIPTOR.name != "LayerParameter":
+    if msg.DESCRIPTOR is ctx.type_param:
         for other in ("loss_param", "transform_param"):
             sub = _LAYER_FIELDS[other].message_type
             if key in sub.fields_by_name:
                 hint = f"{key} is a field of {sub.name}: pass {other}=dict({key}=...)"
     return ctx.error(f"unknown field '{key}' in {msg.DESCRIPTOR.name}", hint=hint)
+
+
+def _as_int(value) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy integers too), else None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _scalar(ctx: _Ctx, msg: Message, fd: FieldDescriptor, value):
@@ -128,31 +139,30 @@ def _scalar(ctx: _Ctx, msg: Message, fd: FieldDescriptor, value):
                 raise ctx.error(f"{where}: '{value}' is not a value of enum {enum.name}",
                                 hint="use one of " + ", ".join(v.name for v in enum.values))
             return ev.number
-        if isinstance(value, bool) or not isinstance(value, int) \
-                or value not in enum.values_by_number:
+        number = None if isinstance(value, bool) else _as_int(value)
+        if number not in enum.values_by_number:
             raise ctx.error(f"{where}: {value!r} is not a value of enum {enum.name}",
                             hint="use one of " + ", ".join(v.name for v in enum.values))
-        return value
+        return number
     if fd.type == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, bool):
             raise ctx.error(f"{where} expects true or false, got {value!r}",
                             hint="pass True or False")
         return value
     if fd.cpp_type in (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                return float(value)          # numpy scalars
-            except (TypeError, ValueError):
-                raise ctx.error(f"{where} expects a number, got {value!r}") from None
-        return float(value)
+        if isinstance(value, (bool, str)):
+            raise ctx.error(f"{where} expects a number, got {value!r}")
+        try:
+            return float(value)              # int, float, numpy scalars
+        except (TypeError, ValueError):
+            raise ctx.error(f"{where} expects a number, got {value!r}") from None
     if fd.cpp_type in (FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64,
                        FieldDescriptor.CPPTYPE_UINT32, FieldDescriptor.CPPTYPE_UINT64):
         if isinstance(value, bool):
             raise ctx.error(f"{where} expects an integer, got {value!r}")
-        try:
-            v = operator.index(value)
-        except TypeError:
-            raise ctx.error(f"{where} expects an integer, got {value!r}") from None
+        v = _as_int(value)
+        if v is None:
+            raise ctx.error(f"{where} expects an integer, got {value!r}")
         unsigned = fd.cpp_type in (FieldDescriptor.CPPTYPE_UINT32,
                                    FieldDescriptor.CPPTYPE_UINT64)
         bits = 64 if fd.cpp_type in (FieldDescriptor.CPPTYPE_INT64,

@@ -125,7 +125,7 @@ def filter_net(net, phase=None, level: int | None = None,
         state.phase = phase_value(phase)
     if level is not None:
         state.level = int(level)
-    state.stage.extend(stages)
+    state.stage.extend([stages] if isinstance(stages, str) else stages)
 
     out = pb.NetParameter()
     out.CopyFrom(param)
@@ -179,7 +179,7 @@ def parse_text(text: str, message: Message, filename: str = "<string>") -> Messa
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
-        raise _parse_error(e, text, message, filename) from None
+        raise _parse_error(e, text, filename) from None
     return message
 
 
@@ -192,12 +192,9 @@ def _read_text(path) -> str:
                               hint="check the path") from None
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    binary = b"\x00" in data or data.startswith(b"\x89HDF")
-    if not binary:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            binary = True
+    if not _CONTROL_BYTES.search(data[:65536]):
+        # not UTF-8 (e.g. a Latin-1 comment): Caffe reads bytes; keep going with U+FFFD
+        return data.decode("utf-8", errors="replace")
     raise FileFormatError(
         "this looks like a binary file (a .caffemodel, .solverstate, .binaryproto or HDF5 "
         "file?), not a text .prototxt", where=str(path),
@@ -205,6 +202,8 @@ def _read_text(path) -> str:
              "given separately (--weights)")
 
 
+# bytes that never occur in a text file (all control characters except \t \n \v \f \r)
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _PREFIX = re.compile(r"^\d+:\d+ : ")
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "?([\w.\[\]]+)"?')
 _NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named "?([\w-]+)"?')
@@ -212,8 +211,7 @@ _MULTIPLE = re.compile(r'Message type "([\w.]+)" should not have multiple "(\w+)
 _FIELD_BEFORE = re.compile(r"([A-Za-z_]\w*)\s*:?\s*$")
 
 
-def _parse_error(e: text_format.ParseError, text: str, message: Message,
-                 filename: str) -> FileFormatError:
+def _parse_error(e: text_format.ParseError, text: str, filename: str) -> FileFormatError:
     line, col = e.GetLine(), e.GetColumn()
     msg = _PREFIX.sub("", str(e))
     msg = re.sub(r"^'.*?': ", "", msg) if msg.startswith("'") else msg
@@ -229,7 +227,7 @@ def _parse_error(e: text_format.ParseError, text: str, message: Message,
     if m := _NO_FIELD.search(msg):
         mtype, name = m.group(1), m.group(2)
         msg = f"unknown field '{name}' in a {_short(mtype)}"
-        hint = _unknown_field_hint(mtype, name, message)
+        hint = _unknown_field_hint(mtype, name)
     elif m := _NO_ENUM.search(msg):
         enum = pb.DESCRIPTOR.pool.FindEnumTypeByName(m.group(1))
         values = ", ".join(v.name for v in enum.values)
@@ -259,6 +257,9 @@ def _parse_error(e: text_format.ParseError, text: str, message: Message,
     elif msg.startswith("Expected"):
         hint = ("check that every '{' has a matching '}' and that each field name is "
                 "followed by ':' and a value, or by '{'")
+        unclosed = _unclosed_brace_line(text)
+        if unclosed:
+            hint = f"the '{{' opened on line {unclosed} is never closed; add the missing '}}'"
     if col:
         msg = f"column {col}: {msg}"
     return FileFormatError(msg, where=where, hint=hint)
@@ -268,7 +269,7 @@ def _short(full_name: str) -> str:
     return full_name.split(".", 1)[1] if full_name.startswith("caffe.") else full_name
 
 
-def _unknown_field_hint(mtype: str, name: str, message: Message) -> str:
+def _unknown_field_hint(mtype: str, name: str) -> str:
     desc = pb.DESCRIPTOR.pool.FindMessageTypeByName(mtype)
     if mtype == "caffe.NetParameter" and name in pb.SolverParameter.DESCRIPTOR.fields_by_name \
             and name not in ("debug_info", "name"):
@@ -348,3 +349,18 @@ def _top_level_fields(text: str) -> list[tuple[str, int]]:
             out.append((current, name_line))
             state = "name"
     return out
+
+
+def _unclosed_brace_line(text: str) -> int:
+    """Line of the outermost '{' (or '<') left open at the end of ``text``; 0 if none."""
+    stack = []
+    line = 1
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if tok == "\n":
+            line += 1
+        elif tok in ("{", "<"):
+            stack.append(line)
+        elif tok in ("}", ">") and stack:
+            stack.pop()
+    return stack[0] if stack else 0

@@ -100,8 +100,8 @@ V0_TYPES = {
 }
 
 #: *_param fields that exist in both V1LayerParameter and LayerParameter
-_V1_PARAM_FIELDS = [f.name for f in V1.DESCRIPTOR.fields
-                    if f.name.endswith("_param") and f.name in pb.LayerParameter.DESCRIPTOR.fields_by_name]
+_V1_PARAM_FIELDS = [f.name for f in V1.DESCRIPTOR.fields if f.name.endswith("_param")
+                    and f.name in pb.LayerParameter.DESCRIPTOR.fields_by_name]
 
 #: legacy solver_type enum -> solver type string
 SOLVER_TYPE_NAMES = {
@@ -182,7 +182,8 @@ def upgrade_v1_layer(v1: pb.V1LayerParameter, layer: pb.LayerParameter, origin=N
     for i, name in enumerate(v1.param):
         param(i).name = name
     for i, mode in enumerate(v1.blob_share_mode):
-        param(i).share_mode = (pb.ParamSpec.STRICT if mode == V1.STRICT else pb.ParamSpec.PERMISSIVE)
+        param(i).share_mode = pb.ParamSpec.STRICT if mode == V1.STRICT \
+            else pb.ParamSpec.PERMISSIVE
     for i, lr in enumerate(v1.blobs_lr):
         param(i).lr_mult = lr
     for i, decay in enumerate(v1.weight_decay):

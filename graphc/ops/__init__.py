@@ -4,3 +4,4 @@ from .base import (Op, ParamSpec, Cost, Context, register, get_op, has_op, all_o
 from . import activation, elementwise  # noqa: F401,E402
 from . import tensor, softmax, loss, python_layer  # noqa: F401,E402
 from . import fillers, conv, pool, linear, norm, data  # noqa: F401,E402
+from . import fused  # noqa: F401,E402

@@ -93,6 +93,7 @@ class PReLU(_Neuron):
     ``channel_shared``; a ``(1,)`` blob is accepted for the shared case too. The bottom
     needs at least 2 axes. Default filler: constant 0.25."""
     type = "PReLU"
+    init_attrs = ("filler",)
     caffe_param = "prelu_param"
 
     def from_caffe(self, layer, phase):

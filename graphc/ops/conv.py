@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import as_strided
 from ..errors import OpError
 from ..ir.types import TensorType
 from .base import Cost, Op, ParamSpec, canonical_axis, filler_to_dict, register
+from .fillers import compact
 
 _GEOM = ("kernel", "stride", "pad", "dilation")
 
@@ -175,6 +176,7 @@ def deconv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride, p
 
 
 class _ConvBase(Op):
+    init_attrs = ("weight_filler", "bias_filler")
     caffe_param = "convolution_param"
     num_inputs = (1, None)
     num_outputs = (1, None)
@@ -215,8 +217,8 @@ class _ConvBase(Op):
             "dilation": dil * 2 if len(dil) == 1 else dil,
             "group": int(p.group),
             "axis": int(p.axis),
-            "weight_filler": filler_to_dict(p.weight_filler),
-            "bias_filler": filler_to_dict(p.bias_filler),
+            "weight_filler": compact(filler_to_dict(p.weight_filler)),
+            "bias_filler": compact(filler_to_dict(p.bias_filler)),
         }
 
     def geometry(self, attrs: dict, in_type: TensorType) -> Geometry:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..errors import OpError
 from ..ir.types import TensorType
 from .base import Cost, Op, filler_to_dict, register
-from .fillers import FILLERS, fill
+from .fillers import FILLERS, compact, fill
 
 
 def _per_top(values: list, n_top: int, what: str, allow_none: bool = False) -> list:
@@ -88,7 +88,7 @@ class DummyData(Op):
                 raise OpError("the DummyData layer has no shape",
                               hint="add dummy_data_param { shape { dim: ... } }")
             shapes = _per_top(given, n_top, "shape")
-        fillers = [filler_to_dict(f) for f in p.data_filler]
+        fillers = [compact(filler_to_dict(f)) for f in p.data_filler]
         if not fillers:
             fillers = [{"type": "constant", "value": 0.0}]
         fillers = _per_top(fillers, n_top, "data_filler", allow_none=True)

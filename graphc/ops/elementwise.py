@@ -176,6 +176,7 @@ class Scale(Op):
     BiasLayer does. Params, in Caffe order: [scale (one bottom only), bias (if bias_term)].
     Attrs: axis, num_axes, bias_term, filler, bias_filler."""
     type = "Scale"
+    init_attrs = ("filler", "bias_filler")
     caffe_param = "scale_param"
     num_inputs = (1, 2)
     num_outputs = 1
@@ -240,6 +241,7 @@ class Bias(Op):
     blob (filler default constant 0); two bottoms: bottom 1 is the bias.
     Attrs: axis, num_axes, filler."""
     type = "Bias"
+    init_attrs = ("filler",)
     caffe_param = "bias_param"
     num_inputs = (1, 2)
     num_outputs = 1

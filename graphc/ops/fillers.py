@@ -113,6 +113,25 @@ FILLERS = {"constant": _constant, "uniform": _uniform, "gaussian": _gaussian,
            "bilinear": _bilinear}
 
 
+#: the FillerParameter fields each filler reads
+USES = {"constant": ("value",), "uniform": ("min", "max"), "gaussian": ("mean", "std", "sparse"),
+        "positive_unitball": (), "xavier": ("variance_norm",), "msra": ("variance_norm",),
+        "bilinear": ()}
+
+
+def compact(filler: dict) -> dict:
+    """Only the fields ``filler``'s type reads (what a readable IR dump should show);
+    ``sparse`` only when set.  Unknown types keep everything (``fill`` rejects them)."""
+    kind = filler.get("type", "constant")
+    if kind not in USES:
+        return dict(filler)
+    out = {"type": kind}
+    for key in USES[kind]:
+        if key in filler and not (key == "sparse" and int(filler[key]) == -1):
+            out[key] = filler[key]
+    return out
+
+
 def fill(filler: dict | None, shape, rng: np.random.Generator | None = None) -> np.ndarray:
     """Draw a float32 array of ``shape`` as Caffe's filler ``filler`` would."""
     f = dict(DEFAULTS)

@@ -17,8 +17,8 @@ import math
 import numpy as np
 
 from ..errors import OpError
-from ..ir.types import TensorType
 from .base import Cost, Op, ParamSpec, canonical_axis, filler_to_dict, register
+from .fillers import compact
 
 
 def _check_params(layer_type: str, param_types, want) -> None:
@@ -36,6 +36,7 @@ def _check_params(layer_type: str, param_types, want) -> None:
 @register
 class InnerProduct(Op):
     type = "InnerProduct"
+    init_attrs = ("weight_filler", "bias_filler")
     caffe_param = "inner_product_param"
 
     def from_caffe(self, layer, phase: str) -> dict:
@@ -45,8 +46,8 @@ class InnerProduct(Op):
                           hint="set inner_product_param { num_output: N } with N > 0")
         return {"num_output": int(p.num_output), "bias_term": bool(p.bias_term),
                 "axis": int(p.axis), "transpose": bool(p.transpose),
-                "weight_filler": filler_to_dict(p.weight_filler),
-                "bias_filler": filler_to_dict(p.bias_filler)}
+                "weight_filler": compact(filler_to_dict(p.weight_filler)),
+                "bias_filler": compact(filler_to_dict(p.bias_filler))}
 
     @staticmethod
     def _mk(attrs, shape) -> tuple[int, int, int, int]:
@@ -107,14 +108,15 @@ class InnerProduct(Op):
 @register
 class Embed(Op):
     type = "Embed"
+    init_attrs = ("weight_filler", "bias_filler")
     caffe_param = "embed_param"
 
     def from_caffe(self, layer, phase: str) -> dict:
         p = layer.embed_param
         attrs = {"num_output": int(p.num_output), "input_dim": int(p.input_dim),
                  "bias_term": bool(p.bias_term),
-                 "weight_filler": filler_to_dict(p.weight_filler),
-                 "bias_filler": filler_to_dict(p.bias_filler)}
+                 "weight_filler": compact(filler_to_dict(p.weight_filler)),
+                 "bias_filler": compact(filler_to_dict(p.bias_filler))}
         self._check(attrs)
         return attrs
 

@@ -21,12 +21,9 @@ adds eps to the standard deviation, not to the variance).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..errors import OpError
-from ..ir.types import TensorType
 from .base import Cost, Op, ParamSpec, register
 from .pool import ave_pool
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpError
-from ..ir.types import TensorType
 from .base import Cost, Op, register
 
 FLT_MAX = float(np.finfo(np.float32).max)

@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 from ..errors import OpError
-from ..ir.types import TensorType
 from .base import Cost, Op, canonical_axis, register
 
 

@@ -47,3 +47,9 @@ def run_pipeline(g: Graph, names: list[str] | None = None, *, after: str | None 
         if name == after:
             break
     return g
+
+
+# ---- the passes (each module registers itself) ------------------------------------------
+from . import dead_code, fold_bn, fuse, concat, inplace  # noqa: E402,F401
+
+DEFAULT_PIPELINE[:] = ["dead-code", "fold-batchnorm", "fuse", "concat-slices", "inplace"]

@@ -1,0 +1,678 @@
+"""SGEMM as generated LLVM IR: packing, cache blocking, a register-blocked FMA microkernel.
+
+    C[M x N] = A[M x K] @ B[K x N]   (+ C when accumulating), fp32, row-major,
+    leading dimensions lda, ldb, ldc (in elements).
+
+Structure (the loop nest of Goto's algorithm / BLIS):
+
+    for jc in this part's columns, step NC:        B block KC x NC  -> L3
+      for pc in 0..K, step KC:
+        pack B[pc:pc+KC, jc:jc+NC] into NR-wide panels (zero padded)
+        for ic in this part's rows, step MC:       A block MC x KC  -> L2
+          pack A[ic:ic+MC, pc:pc+KC] into MR-high panels (zero padded)
+          for jr in 0..NC, step NR:                B micro-panel    -> L1
+            for ir in 0..MC, step MR:
+              ukernel: MR x NR tile of C += A panel @ B panel (MR*NR/VW vector accumulators)
+
+The microkernel keeps the whole MR x NR tile of C in vector registers: each k step
+loads NR/VW vectors of the B panel, broadcasts MR values of the A panel, and issues
+MR*NR/VW independent FMAs. Edge tiles are computed in full on the zero-padded panels
+and only the valid mr x nr part is written back (through a small stack tile).
+
+On the last K block, an :class:`Epilogue` hook (e.g. bias + ReLU, for convolution as
+implicit GEMM) is applied to the tile while it is still in registers, so the result is
+written once.
+
+Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
+to ``part`` (whole MR- or NR-tiles of rows or columns; whichever split balances better)
+with its own packing workspace, so any thread pool can drive it. :class:`Gemm` compiles
+once and runs on a Python thread pool (ctypes releases the GIL).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+
+from graphc.codegen.llvm import jit
+from graphc.errors import GraphcError
+
+F32 = ir.FloatType()
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+
+def i64(v: int) -> ir.Constant:
+    return ir.Constant(I64, v)
+
+
+# ---------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Register and cache blocking.
+
+    vw: floats per vector register; mr x (nv*vw): the register tile; kc, mc, nc: cache
+    blocks (mc a multiple of mr, nc of nr); unroll: k steps per microkernel loop trip.
+    """
+    vw: int
+    mr: int
+    nv: int
+    kc: int
+    mc: int
+    nc: int
+    unroll: int = 4
+
+    @property
+    def nr(self) -> int:
+        return self.nv * self.vw
+
+    def __post_init__(self):
+        if self.mc % self.mr or self.nc % self.nr or self.kc % self.unroll or self.kc <= 0:
+            raise GraphcError(f"bad GEMM blocking {self}",
+                              hint="mc must be a multiple of mr, nc of nv*vw, kc of unroll")
+
+    @property
+    def workspace_floats(self) -> int:
+        """Packed A block + packed B block (each 64-byte aligned)."""
+        return _round_up(self.mc * self.kc, 16) + _round_up(self.kc * self.nc, 16)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def default_config(t: jit.Target) -> GemmConfig:
+    """Blocking for the target's vector width (tuned on Zen3/Zen5-class caches:
+    L1d 32-48 KiB, L2 0.5-1 MiB per core, shared L3)."""
+    if t.vector_bits >= 512:
+        # 32 zmm registers: 14 x 32 tile = 28 accumulators + 2 B vectors + 1 broadcast
+        return GemmConfig(vw=16, mr=14, nv=2, kc=256, mc=14 * 12, nc=4096)
+    if t.vector_bits >= 256:
+        # 16 ymm registers: 6 x 16 tile = 12 accumulators + 2 B vectors + 1 broadcast
+        return GemmConfig(vw=8, mr=6, nv=2, kc=256, mc=6 * 24, nc=4096)
+    # x86-64 baseline: 16 xmm registers, no FMA (fmuladd becomes mul + add)
+    return GemmConfig(vw=4, mr=6, nv=2, kc=256, mc=6 * 16, nc=2048)
+
+
+# ---------------------------------------------------------------------------------------
+# epilogue hooks
+
+
+class Epilogue:
+    """A hook applied to each element of C once its sum over K is complete, while the tile
+    is still in registers: ``C = f(A @ B [+ C], row, col)``.
+
+    Subclasses add arguments to the generated functions (``args``: (name, LLVM type)) and
+    emit IR for one vector of a C row (``vector``: ``vw`` lanes starting at column ``col``)
+    and for one element (``scalar``, used for edge tiles). ``row``/``col`` are i64 indices
+    into the whole C; ``args`` maps names to the function's argument values.
+    """
+    args: tuple = ()
+
+    def key(self) -> str:
+        return "none"
+
+    def vector(self, b: ir.IRBuilder, x, row, col, args):
+        return x
+
+    def scalar(self, b: ir.IRBuilder, x, row, col, args):
+        return x
+
+    @property
+    def is_identity(self) -> bool:
+        return type(self) is Epilogue
+
+
+class BiasAct(Epilogue):
+    """``y = act(x + bias)``: bias per row ("row": bias[M], a conv's output channel when
+    C is (channels x pixels)) or per column ("col": bias[N]); act is Caffe's ReLU,
+    ``max(x, 0) + negative_slope * min(x, 0)``, when ``relu``."""
+
+    def __init__(self, bias: str | None = None, relu: bool = False,
+                 negative_slope: float = 0.0):
+        if bias not in (None, "row", "col"):
+            raise GraphcError(f"unknown bias mode {bias!r}", hint="use None, 'row' or 'col'")
+        self.bias, self.relu, self.negative_slope = bias, bool(relu), float(negative_slope)
+        self.args = (("bias", PTR),) if bias else ()
+
+    def key(self) -> str:
+        return f"bias{self.bias or ''}_relu{int(self.relu)}_{self.negative_slope!r}"
+
+    def _act(self, b, x, zero, slope):
+        pos = b.fcmp_ordered(">", x, zero)
+        neg = zero if self.negative_slope == 0.0 else b.fmul(x, slope)
+        return b.select(pos, x, neg)
+
+    def vector(self, b, x, row, col, args):
+        vt = x.type
+        if self.bias == "row":
+            x = b.fadd(x, _splat(b, _load(b, F32, args["bias"], row), vt.count))
+        elif self.bias == "col":
+            x = b.fadd(x, _load(b, vt, args["bias"], col, align=4))
+        if self.relu:
+            x = self._act(b, x, ir.Constant(vt, [0.0] * vt.count),
+                          ir.Constant(vt, [self.negative_slope] * vt.count))
+        return x
+
+    def scalar(self, b, x, row, col, args):
+        if self.bias:
+            x = b.fadd(x, _load(b, F32, args["bias"], row if self.bias == "row" else col))
+        if self.relu:
+            x = self._act(b, x, ir.Constant(F32, 0.0), ir.Constant(F32, self.negative_slope))
+        return x
+
+
+# ---------------------------------------------------------------------------------------
+# IR helpers
+
+
+def _addr(b, ty, base, idx):
+    """&base[idx] for elements of type ``ty`` (idx: i64 value or int)."""
+    if isinstance(idx, int):
+        if idx == 0:
+            return base
+        idx = i64(idx)
+    return b.gep(base, [idx], source_etype=ty)
+
+
+def _load(b, ty, base, idx, align=None):
+    """Load ``ty`` at &base[idx] where idx counts floats."""
+    return b.load(_addr(b, F32, base, idx), typ=ty, align=align)
+
+
+def _store(b, val, base, idx, align=None):
+    b.store(val, _addr(b, F32, base, idx), align=align)
+
+
+def _splat(b, x, n):
+    v = b.insert_element(ir.Constant(ir.VectorType(F32, n), ir.Undefined), x, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+
+def _min(b, x, y):
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def _var(b, init, name=""):
+    """A mutable local (an entry-block alloca; -O3 turns it into SSA values)."""
+    with b.goto_entry_block():
+        p = b.alloca(init.type, name=name)
+    b.store(init, p)
+    return p
+
+
+@contextmanager
+def _for(b, start, stop, step=1, name="i"):
+    """``for (i = start; i < stop; i += step)``; yields i (an i64 value)."""
+    step = i64(step) if isinstance(step, int) else step
+    start = i64(start) if isinstance(start, int) else start
+    var = _var(b, start, name)
+    cond = b.append_basic_block(f"{name}.cond")
+    body = b.append_basic_block(f"{name}.body")
+    end = b.append_basic_block(f"{name}.end")
+    b.branch(cond)
+    b.position_at_end(cond)
+    i = b.load(var, typ=I64, name=name)
+    b.cbranch(b.icmp_signed("<", i, stop), body, end)
+    b.position_at_end(body)
+    yield i
+    b.store(b.add(i, step), var)
+    b.branch(cond)
+    b.position_at_end(end)
+
+
+def _new_function(mod, name, args, ret=VOID, linkage=None):
+    fn = ir.Function(mod, ir.FunctionType(ret, [t for _, t in args]), name)
+    for a, (n, _) in zip(fn.args, args):
+        a.name = n
+    if linkage:
+        fn.linkage = linkage
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return fn, b, {n: a for a, (n, _) in zip(fn.args, args)}
+
+
+# ---------------------------------------------------------------------------------------
+# the generator
+
+
+FLAG_LOAD_C = 1  # add the tile to the existing C (accumulate, or K blocks after the first)
+FLAG_EPILOGUE = 2  # last K block: apply the epilogue
+
+
+class GemmGenerator:
+    """Emits the SGEMM functions into an llvmlite module.
+
+    Functions (``p`` is the name prefix):
+      ``p_ukernel(kcp, ap, bp, c, ldc, mr, nr, flags, row, col, *epilogue args)``
+          (internal) C tile (mr x nr valid of MR x NR) from packed panels of depth kcp
+      ``p_pack_a(mc, kc, kcp, a, lda, ap)``, ``p_pack_b(kc, kcp, nc, b, ldb, bp)`` (internal)
+      ``p(M, N, K, A, lda, B, ldb, C, ldc, accumulate, part, nparts, workspace, *epi args)``
+      ``i64 p_workspace_bytes()``: bytes of workspace each part needs (64-byte aligned)
+    The microkernel and packers are reusable by other drivers (implicit-GEMM convolution).
+    """
+
+    def __init__(self, config: GemmConfig, epilogue: Epilogue | None = None,
+                 name: str = "sgemm", fma: bool = True):
+        self.cfg = config
+        self.epi = epilogue or Epilogue()
+        self.name = name
+        self.fma = fma
+        self.vt = ir.VectorType(F32, config.vw)
+
+    # -- microkernel --------------------------------------------------------------------
+
+    def _fma_fn(self, mod):
+        # llvm.fma is always fused (a libm call per lane without hardware FMA);
+        # llvm.fmuladd fuses only where the target has FMA and is mul+add elsewhere.
+        kind = "fma" if self.fma else "fmuladd"
+        name = f"llvm.{kind}.v{self.cfg.vw}f32"
+        if name in mod.globals:
+            return mod.globals[name]
+        return ir.Function(mod, ir.FunctionType(self.vt, [self.vt] * 3), name)
+
+    def emit_ukernel(self, mod):
+        c, vt = self.cfg, self.vt
+        MR, NV, VW, NR = c.mr, c.nv, c.vw, c.nr
+        args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
+                ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
+                *self.epi.args]
+        fn, b, a = _new_function(mod, f"{self.name}_ukernel", args, linkage="internal")
+        for p in ("ap", "bp", "c"):
+            fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
+        fma = self._fma_fn(mod)
+        zero = ir.Constant(vt, [0.0] * VW)
+
+        # Prefetch the C tile (for writing) so its misses overlap the k loop instead of
+        # stalling the stores at the end; past-the-end addresses are harmless for prefetch.
+        prefetch = ir.Function(mod, ir.FunctionType(VOID, [PTR, I32, I32, I32]), "llvm.prefetch.p0") \
+            if "llvm.prefetch.p0" not in mod.globals else mod.globals["llvm.prefetch.p0"]
+        for r in range(MR):
+            ro = b.mul(i64(r), a["ldc"])
+            for off in range(0, NR, 16):
+                b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
+                                  ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+            b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(NR - 1))),
+                              ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+        entry = b.block
+        loop = b.append_basic_block("k.loop")
+        done = b.append_basic_block("k.done")
+        b.cbranch(b.icmp_signed(">", a["kcp"], i64(0)), loop, done)
+
+        # k loop: kcp is a multiple of `unroll` (the packers zero-pad the panels)
+        b.position_at_end(loop)
+        k = b.phi(I64, "k")
+        acc = [[b.phi(vt, f"acc{r}_{v}") for v in range(NV)] for r in range(MR)]
+        cur = [[x for x in row] for row in acc]
+        for u in range(c.unroll):
+            ku = b.add(k, i64(u)) if u else k
+            bo = b.mul(ku, i64(NR))
+            ao = b.mul(ku, i64(MR))
+            bv = [_load(b, vt, a["bp"], b.add(bo, i64(v * VW)), align=4 * VW) for v in range(NV)]
+            for r in range(MR):
+                ar = _splat(b, _load(b, F32, a["ap"], b.add(ao, i64(r)), align=4), VW)
+                for v in range(NV):
+                    cur[r][v] = b.call(fma, [ar, bv[v], cur[r][v]])
+        k_next = b.add(k, i64(c.unroll))
+        k.add_incoming(i64(0), entry)
+        k.add_incoming(k_next, loop)
+        for r in range(MR):
+            for v in range(NV):
+                acc[r][v].add_incoming(zero, entry)
+                acc[r][v].add_incoming(cur[r][v], loop)
+        b.cbranch(b.icmp_signed("<", k_next, a["kcp"]), loop, done)
+
+        b.position_at_end(done)
+        res = []
+        for r in range(MR):
+            row = []
+            for v in range(NV):
+                p = b.phi(vt)
+                p.add_incoming(zero, entry)
+                p.add_incoming(cur[r][v], loop)
+                row.append(p)
+            res.append(row)
+
+        load_c = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_LOAD_C)),
+                                 ir.Constant(I32, 0))
+        do_epi = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_EPILOGUE)),
+                                 ir.Constant(I32, 0))
+        full = b.and_(b.icmp_signed("==", a["mr"], i64(MR)), b.icmp_signed("==", a["nr"], i64(NR)))
+        with b.if_else(full, likely=True) as (then, otherwise):
+            with then:
+                self._store_full(b, a, res, load_c, do_epi)
+            with otherwise:
+                self._store_edge(b, a, res, load_c, do_epi)
+        b.ret_void()
+        return fn
+
+    def _store_full(self, b, a, res, load_c, do_epi):
+        c, vt = self.cfg, self.vt
+        slots = [[_var(b, x) for x in row] for row in res]
+        offs = [b.mul(i64(r), a["ldc"]) for r in range(c.mr)]
+
+        def each(f):
+            for r in range(c.mr):
+                for v in range(c.nv):
+                    f(r, v, slots[r][v], b.add(offs[r], i64(v * c.vw)))
+
+        with b.if_then(load_c):
+            each(lambda r, v, s, o: b.store(
+                b.fadd(b.load(s, typ=vt), _load(b, vt, a["c"], o, align=4)), s))
+        if not self.epi.is_identity:
+            with b.if_then(do_epi):
+                def epi(r, v, s, o):
+                    row = b.add(a["row"], i64(r))
+                    col = b.add(a["col"], i64(v * c.vw))
+                    b.store(self.epi.vector(b, b.load(s, typ=vt), row, col, a), s)
+                each(epi)
+        each(lambda r, v, s, o: _store(b, b.load(s, typ=vt), a["c"], o, align=4))
+
+    def _store_edge(self, b, a, res, load_c, do_epi):
+        c, vt = self.cfg, self.vt
+        with b.goto_entry_block():
+            tile = b.alloca(ir.ArrayType(F32, c.mr * c.nr), name="tile")
+            tile.align = 64
+            tile.type = PTR  # an opaque pointer: vectors and scalars are stored through it
+        for r in range(c.mr):
+            for v in range(c.nv):
+                _store(b, res[r][v], tile, r * c.nr + v * c.vw, align=4)
+        with _for(b, 0, a["mr"], name="i") as i:
+            with _for(b, 0, a["nr"], name="j") as j:
+                x = _load(b, F32, tile, b.add(b.mul(i, i64(c.nr)), j))
+                o = b.add(b.mul(i, a["ldc"]), j)
+                s = _var(b, x)
+                with b.if_then(load_c):
+                    b.store(b.fadd(b.load(s, typ=F32), _load(b, F32, a["c"], o)), s)
+                if not self.epi.is_identity:
+                    with b.if_then(do_epi):
+                        b.store(self.epi.scalar(b, b.load(s, typ=F32), b.add(a["row"], i),
+                                                b.add(a["col"], j), a), s)
+                _store(b, b.load(s, typ=F32), a["c"], o)
+
+    # -- packing ------------------------------------------------------------------------
+
+    def emit_pack_a(self, mod):
+        """Ap[p][k][r] = A[p*MR + r][k] for panels p of MR rows; zeros past mc and kc."""
+        c = self.cfg
+        MR = c.mr
+        args = [("mc", I64), ("kc", I64), ("kcp", I64), ("a", PTR), ("lda", I64), ("ap", PTR)]
+        fn, b, a = _new_function(mod, f"{self.name}_pack_a", args, linkage="internal")
+        zero = ir.Constant(F32, 0.0)
+        with _for(b, 0, a["mc"], MR, name="p") as p0:
+            dst = _addr(b, F32, a["ap"], b.mul(p0, a["kcp"]))
+            rows = _min(b, i64(MR), b.sub(a["mc"], p0))
+            src = _addr(b, F32, a["a"], b.mul(p0, a["lda"]))
+            with b.if_else(b.icmp_signed("==", rows, i64(MR)), likely=True) as (then, otherwise):
+                with then:
+                    with _for(b, 0, a["kc"], name="k") as k:
+                        for r in range(MR):
+                            x = _load(b, F32, src, b.add(b.mul(i64(r), a["lda"]), k))
+                            _store(b, x, dst, b.add(b.mul(k, i64(MR)), i64(r)))
+                with otherwise:
+                    with _for(b, 0, a["kc"], name="k") as k:
+                        with _for(b, 0, i64(MR), name="r") as r:
+                            o = b.add(b.mul(k, i64(MR)), r)
+                            _store(b, zero, dst, o)
+                            with b.if_then(b.icmp_signed("<", r, rows)):
+                                _store(b, _load(b, F32, src, b.add(b.mul(r, a["lda"]), k)), dst, o)
+            with _for(b, b.mul(a["kc"], i64(MR)), b.mul(a["kcp"], i64(MR)), name="z") as z:
+                _store(b, zero, dst, z)
+        b.ret_void()
+        return fn
+
+    def emit_pack_b(self, mod):
+        """Bp[q][k][j] = B[k][q*NR + j] for panels q of NR columns; zeros past nc and kc."""
+        c, vt = self.cfg, self.vt
+        NR, VW = c.nr, c.vw
+        args = [("kc", I64), ("kcp", I64), ("nc", I64), ("b", PTR), ("ldb", I64), ("bp", PTR)]
+        fn, b, a = _new_function(mod, f"{self.name}_pack_b", args, linkage="internal")
+        zero = ir.Constant(F32, 0.0)
+        nfull = b.mul(b.sdiv(a["nc"], i64(NR)), i64(NR))
+        panel = b.mul(a["kcp"], i64(NR))
+        with _for(b, 0, a["kc"], name="k") as k:  # full panels: row k of B is read once, in order
+            src = _addr(b, F32, a["b"], b.mul(k, a["ldb"]))
+            with _for(b, 0, nfull, NR, name="q") as q:
+                dst = _addr(b, F32, a["bp"], b.add(b.mul(q, a["kcp"]), b.mul(k, i64(NR))))
+                for v in range(c.nv):
+                    _store(b, _load(b, vt, src, b.add(q, i64(v * VW)), align=4), dst, v * VW,
+                           align=4 * VW)
+        with b.if_then(b.icmp_signed("<", nfull, a["nc"])):  # the last, partial panel
+            cols = b.sub(a["nc"], nfull)
+            dst = _addr(b, F32, a["bp"], b.mul(nfull, a["kcp"]))
+            with _for(b, 0, a["kc"], name="k") as k:
+                with _for(b, 0, i64(NR), name="j") as j:
+                    o = b.add(b.mul(k, i64(NR)), j)
+                    _store(b, zero, dst, o)
+                    with b.if_then(b.icmp_signed("<", j, cols)):
+                        _store(b, _load(b, F32, a["b"], b.add(b.mul(k, a["ldb"]), b.add(nfull, j))),
+                               dst, o)
+        with _for(b, 0, a["nc"], NR, name="q") as q:  # zero rows kc..kcp of every panel
+            dst = _addr(b, F32, a["bp"], b.mul(q, a["kcp"]))
+            with _for(b, a["kc"], a["kcp"], name="k") as k:
+                for v in range(c.nv):
+                    _store(b, ir.Constant(vt, [0.0] * VW), dst, b.add(b.mul(k, i64(NR)), i64(v * VW)),
+                           align=4 * VW)
+        b.ret_void()
+        return fn
+
+    # -- driver -------------------------------------------------------------------------
+
+    def emit_gemm(self, mod, ukernel, pack_a, pack_b):
+        c = self.cfg
+        MR, NR, KC, MC, NC = c.mr, c.nr, c.kc, c.mc, c.nc
+        args = [("M", I64), ("N", I64), ("K", I64), ("A", PTR), ("lda", I64), ("B", PTR),
+                ("ldb", I64), ("C", PTR), ("ldc", I64), ("accumulate", I32), ("part", I64),
+                ("nparts", I64), ("workspace", PTR), *self.epi.args]
+        fn, b, a = _new_function(mod, self.name, args)
+        M, N, K, part, nparts = a["M"], a["N"], a["K"], a["part"], a["nparts"]
+        ap = a["workspace"]
+        bp = _addr(b, F32, ap, _round_up(MC * KC, 16))
+
+        # This part's slice: whole tiles of rows or of columns, whichever split leaves the
+        # busiest part less work (ties: rows, since repacking B is cheaper than repacking A).
+        def ceil_div(x, y):
+            return b.sdiv(b.add(x, b.sub(y, i64(1))), y)
+        tm, tn = ceil_div(M, i64(MR)), ceil_div(N, i64(NR))
+        per_m, per_n = ceil_div(tm, nparts), ceil_div(tn, nparts)
+        work_m = b.mul(b.mul(per_m, i64(MR)), b.mul(tn, i64(NR)))
+        work_n = b.mul(b.mul(per_n, i64(NR)), b.mul(tm, i64(MR)))
+        by_m = b.icmp_signed("<=", work_m, work_n)
+        m_lo = _min(b, b.mul(b.mul(part, per_m), i64(MR)), M)
+        m_hi = _min(b, b.mul(b.mul(b.add(part, i64(1)), per_m), i64(MR)), M)
+        n_lo = _min(b, b.mul(b.mul(part, per_n), i64(NR)), N)
+        n_hi = _min(b, b.mul(b.mul(b.add(part, i64(1)), per_n), i64(NR)), N)
+        m0, m1 = b.select(by_m, m_lo, i64(0)), b.select(by_m, m_hi, M)
+        n0, n1 = b.select(by_m, i64(0), n_lo), b.select(by_m, N, n_hi)
+        with b.if_then(b.or_(b.icmp_signed(">=", m0, m1), b.icmp_signed(">=", n0, n1))):
+            b.ret_void()
+
+        acc_flag = b.select(b.icmp_unsigned("!=", a["accumulate"], ir.Constant(I32, 0)),
+                            ir.Constant(I32, FLAG_LOAD_C), ir.Constant(I32, 0))
+        epi_args = [a[n] for n, _ in self.epi.args]
+        with _for(b, n0, n1, NC, name="jc") as jc:
+            nc = _min(b, i64(NC), b.sub(n1, jc))
+            # do { ... } while (pc < K): one pass even when K == 0 (C = 0 or C, + epilogue)
+            pc_var = _var(b, i64(0), "pc")
+            body = b.append_basic_block("pc.body")
+            b.branch(body)
+            b.position_at_end(body)
+            pc = b.load(pc_var, typ=I64, name="pc")
+            kc = _min(b, i64(KC), b.sub(K, pc))
+            kcp = b.mul(ceil_div(kc, i64(c.unroll)), i64(c.unroll))
+            last = b.icmp_signed(">=", b.add(pc, i64(KC)), K)
+            flags = b.or_(b.select(b.icmp_signed(">", pc, i64(0)), ir.Constant(I32, FLAG_LOAD_C),
+                                   acc_flag),
+                          b.select(last, ir.Constant(I32, FLAG_EPILOGUE), ir.Constant(I32, 0)))
+            b.call(pack_b, [kc, kcp, nc, _addr(b, F32, a["B"], b.add(b.mul(pc, a["ldb"]), jc)),
+                            a["ldb"], bp])
+            with _for(b, m0, m1, MC, name="ic") as ic:
+                mc = _min(b, i64(MC), b.sub(m1, ic))
+                b.call(pack_a, [mc, kc, kcp, _addr(b, F32, a["A"], b.add(b.mul(ic, a["lda"]), pc)),
+                                a["lda"], ap])
+                with _for(b, 0, nc, NR, name="jr") as jr:
+                    nr = _min(b, i64(NR), b.sub(nc, jr))
+                    col = b.add(jc, jr)
+                    with _for(b, 0, mc, MR, name="ir") as ir_:
+                        mr = _min(b, i64(MR), b.sub(mc, ir_))
+                        row = b.add(ic, ir_)
+                        cptr = _addr(b, F32, a["C"], b.add(b.mul(row, a["ldc"]), col))
+                        b.call(ukernel, [kcp, _addr(b, F32, ap, b.mul(ir_, kcp)),
+                                         _addr(b, F32, bp, b.mul(jr, kcp)), cptr, a["ldc"],
+                                         mr, nr, flags, row, col, *epi_args])
+            pc_next = b.add(pc, i64(KC))
+            b.store(pc_next, pc_var)
+            after = b.append_basic_block("pc.end")
+            b.cbranch(b.icmp_signed("<", pc_next, K), body, after)
+            b.position_at_end(after)
+        b.ret_void()
+
+        ws, _, _ = _new_function(mod, f"{self.name}_workspace_bytes", [], ret=I64)
+        wb = ir.IRBuilder(ws.blocks[0])
+        wb.ret(i64(4 * c.workspace_floats))
+        return fn
+
+    def emit(self, mod: ir.Module | None = None) -> ir.Module:
+        mod = mod or ir.Module(name=self.name)
+        uk = self.emit_ukernel(mod)
+        self.emit_gemm(mod, uk, self.emit_pack_a(mod), self.emit_pack_b(mod))
+        return mod
+
+
+def gemm_ir(config: GemmConfig, epilogue: Epilogue | None = None, name: str = "sgemm",
+            fma: bool = True) -> str:
+    return str(GemmGenerator(config, epilogue, name, fma).emit())
+
+
+# ---------------------------------------------------------------------------------------
+# Python driver
+
+
+def num_threads() -> int:
+    """GRAPHC_NUM_THREADS, else the CPUs this process may run on."""
+    env = os.environ.get("GRAPHC_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise GraphcError(f"GRAPHC_NUM_THREADS={env!r} is not a positive integer",
+                              hint="set GRAPHC_NUM_THREADS to a thread count such as 2, or unset it")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_c_i64, _c_i32, _c_p = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+
+
+class Gemm:
+    """SGEMM compiled once for a target; ``gemm(A, B, C=None, ...)`` runs it on ``threads``
+    threads (a Python thread pool; the ctypes call releases the GIL)."""
+
+    def __init__(self, cpu: str = "native", epilogue: Epilogue | None = None,
+                 config: GemmConfig | None = None, threads: int | None = None):
+        self.target = jit.target(cpu) if isinstance(cpu, str) else cpu
+        self.config = config or default_config(self.target)
+        self.epilogue = epilogue or Epilogue()
+        self.threads = threads or num_threads()
+        ir_text = gemm_ir(self.config, self.epilogue, fma=self.target.has_fma)
+        self.module = jit.compile_ir(ir_text, self.target)
+        argtypes = [_c_i64, _c_i64, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_i32,
+                    _c_i64, _c_i64, _c_p] + [_c_p] * len(self.epilogue.args)
+        self._fn = self.module.function("sgemm", None, *argtypes)
+        self.workspace_bytes = self.module.function("sgemm_workspace_bytes", _c_i64)()
+        self._workspaces: list[np.ndarray] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _workspace(self, i: int) -> int:
+        while len(self._workspaces) <= i:
+            raw = np.empty(self.workspace_bytes + 64, np.uint8)
+            off = (-raw.ctypes.data) % 64
+            self._workspaces.append(raw[off:off + self.workspace_bytes])
+        return self._workspaces[i].ctypes.data
+
+    @staticmethod
+    def _check(name, x, shape=None):
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+            raise GraphcError(f"GEMM operand {name} must be a 2-D float32 numpy array, got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} "
+                              f"{getattr(x, 'shape', '')}",
+                              hint="convert with np.asarray(x, dtype=np.float32)")
+        if x.strides[1] != 4 or x.strides[0] % 4 or x.strides[0] < 4 * max(x.shape[1], 1):
+            raise GraphcError(f"GEMM operand {name} must be row-major with unit column stride "
+                              f"(strides {x.strides})", hint="pass np.ascontiguousarray(x)")
+        if shape is not None and x.shape != shape:
+            raise GraphcError(f"GEMM operand {name} has shape {x.shape}, expected {shape}",
+                              hint="C must be M x N for A (M x K) @ B (K x N)")
+        return x.strides[0] // 4
+
+    def __call__(self, A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None, *,
+                 accumulate: bool = False, threads: int | None = None, **epi_args) -> np.ndarray:
+        lda, ldb = self._check("A", A), self._check("B", B)
+        M, K = A.shape
+        if B.shape[0] != K:
+            raise GraphcError(f"GEMM shapes do not agree: A {A.shape} @ B {B.shape}",
+                              hint="A's columns must equal B's rows")
+        N = B.shape[1]
+        if C is None:
+            if accumulate:
+                raise GraphcError("accumulate=True needs an output C", hint="pass C=")
+            C = np.empty((M, N), np.float32)
+        ldc = self._check("C", C, (M, N))
+        extra = []
+        for n, _ in self.epilogue.args:
+            if n not in epi_args:
+                raise GraphcError(f"this GEMM's epilogue needs argument '{n}'", hint=f"pass {n}=")
+            v = epi_args.pop(n)
+            want = M if getattr(self.epilogue, "bias", None) == "row" else N
+            if not (isinstance(v, np.ndarray) and v.dtype == np.float32 and v.ndim == 1
+                    and v.shape[0] == want and v.strides[0] == 4):
+                raise GraphcError(f"epilogue argument '{n}' must be a contiguous float32 "
+                                  f"vector of length {want}", hint="check the bias shape")
+            extra.append(v.ctypes.data)
+        if epi_args:
+            raise GraphcError(f"unknown GEMM arguments {sorted(epi_args)}",
+                              hint="remove them, or build the Gemm with that epilogue")
+        if M == 0 or N == 0:
+            return C
+        nt = max(1, threads or self.threads)
+        with self._lock:
+            common = (M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc,
+                      int(bool(accumulate)))
+            if nt == 1:
+                self._fn(*common, 0, 1, self._workspace(0), *extra)
+                return C
+            wss = [self._workspace(i) for i in range(nt)]
+            if self._pool is None or self._pool._max_workers < nt:
+                if self._pool is not None:
+                    self._pool.shutdown()
+                self._pool = ThreadPoolExecutor(nt, thread_name_prefix="graphc-gemm")
+            futs = [self._pool.submit(self._fn, *common, i, nt, wss[i], *extra)
+                    for i in range(nt)]
+            for f in futs:
+                f.result()
+        return C
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
