@@ -10,7 +10,8 @@ reader (and is no graph output) that may join:
   extra input of the fused node, and the convolution joined is the branch computed last);
 * anchor LRN: a following Pooling (GoogLeNet's norm2 -> pool2: the normalized tensor is
   never stored);
-* anchor elementwise single-input op: more of them.
+* anchor elementwise single-input op, or an Eltwise no convolution took: more
+  elementwise single-input ops.
 
 A chain of one node is left as it is.  The fused node sits where the chain's last node
 was (every value it reads is defined there), writes the last node's output value (so
@@ -58,6 +59,8 @@ def _can_join(g: Graph, chain: list[Node], n: Node, value: str, index: dict) -> 
 def _anchor(g: Graph, n: Node) -> bool:
     if n.op in ANCHORS:
         return len(n.inputs) == 1 and len(n.outputs) == 1
+    if n.op == "Eltwise":
+        return len(n.outputs) == 1
     return _unary(g, n)
 
 

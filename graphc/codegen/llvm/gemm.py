@@ -74,6 +74,7 @@ class GemmConfig:
     mc: int
     nc: int
     unroll: int = 4
+    prefetch_c: bool = True
 
     @property
     def nr(self) -> int:
@@ -116,19 +117,17 @@ class Epilogue:
     is still in registers: ``C = f(A @ B [+ C], row, col)``.
 
     Subclasses add arguments to the generated functions (``args``: (name, LLVM type)) and
-    emit IR for one vector of a C row (``vector``: ``vw`` lanes starting at column ``col``)
-    and for one element (``scalar``, used for edge tiles). ``row``/``col`` are i64 indices
-    into the whole C; ``args`` maps names to the function's argument values.
+    emit IR for one vector of a C row (``vector``): ``x`` holds ``vw`` lanes of row ``row``
+    starting at column ``col`` (i64 indices into the whole C); ``mask`` is None when all
+    lanes are inside C, else an <vw x i1> of the lanes that are (an operand read per
+    column must then use a masked load). ``args`` maps argument names to values.
     """
     args: tuple = ()
 
     def key(self) -> str:
         return "none"
 
-    def vector(self, b: ir.IRBuilder, x, row, col, args):
-        return x
-
-    def scalar(self, b: ir.IRBuilder, x, row, col, args):
+    def vector(self, b: ir.IRBuilder, x, row, col, args, mask):
         return x
 
     @property
@@ -151,27 +150,18 @@ class BiasAct(Epilogue):
     def key(self) -> str:
         return f"bias{self.bias or ''}_relu{int(self.relu)}_{self.negative_slope!r}"
 
-    def _act(self, b, x, zero, slope):
-        pos = b.fcmp_ordered(">", x, zero)
-        neg = zero if self.negative_slope == 0.0 else b.fmul(x, slope)
-        return b.select(pos, x, neg)
-
-    def vector(self, b, x, row, col, args):
+    def vector(self, b, x, row, col, args, mask):
         vt = x.type
+        zero = ir.Constant(vt, [0.0] * vt.count)
         if self.bias == "row":
             x = b.fadd(x, _splat(b, _load(b, F32, args["bias"], row), vt.count))
         elif self.bias == "col":
-            x = b.fadd(x, _load(b, vt, args["bias"], col, align=4))
+            x = b.fadd(x, _load_vec(b, vt, args["bias"], col, mask))
         if self.relu:
-            x = self._act(b, x, ir.Constant(vt, [0.0] * vt.count),
-                          ir.Constant(vt, [self.negative_slope] * vt.count))
-        return x
-
-    def scalar(self, b, x, row, col, args):
-        if self.bias:
-            x = b.fadd(x, _load(b, F32, args["bias"], row if self.bias == "row" else col))
-        if self.relu:
-            x = self._act(b, x, ir.Constant(F32, 0.0), ir.Constant(F32, self.negative_slope))
+            # select(x > 0, x, slope * x) == max(x, 0) + slope * min(x, 0)
+            neg = zero if self.negative_slope == 0.0 else \
+                b.fmul(x, ir.Constant(vt, [self.negative_slope] * vt.count))
+            x = b.select(b.fcmp_ordered(">", x, zero), x, neg)
         return x
 
 
@@ -197,8 +187,40 @@ def _store(b, val, base, idx, align=None):
     b.store(val, _addr(b, F32, base, idx), align=align)
 
 
+def _masked_intrinsic(mod, kind, vt):
+    name = f"llvm.masked.{kind}.v{vt.count}f32.p0"
+    if name in mod.globals:
+        return mod.globals[name]
+    mt = ir.VectorType(I1, vt.count)
+    fty = ir.FunctionType(vt, [PTR, I32, mt, vt]) if kind == "load" else \
+        ir.FunctionType(VOID, [vt, PTR, I32, mt])
+    return ir.Function(mod, fty, name)
+
+
+def _load_vec(b, vt, base, idx, mask=None):
+    """A vector of floats at &base[idx]; lanes outside ``mask`` are not read (zero)."""
+    if mask is None:
+        return _load(b, vt, base, idx, align=4)
+    fn = _masked_intrinsic(b.module, "load", vt)
+    return b.call(fn, [_addr(b, F32, base, idx), ir.Constant(I32, 4), mask,
+                       ir.Constant(vt, [0.0] * vt.count)])
+
+
+def _store_vec(b, x, base, idx, mask=None):
+    if mask is None:
+        _store(b, x, base, idx, align=4)
+    else:
+        fn = _masked_intrinsic(b.module, "store", x.type)
+        b.call(fn, [x, _addr(b, F32, base, idx), ir.Constant(I32, 4), mask])
+
+
 def _splat(b, x, n):
     v = b.insert_element(ir.Constant(ir.VectorType(F32, n), ir.Undefined), x, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+
+def _splat_i32(b, x, n):
+    v = b.insert_element(ir.Constant(ir.VectorType(I32, n), ir.Undefined), x, ir.Constant(I32, 0))
     return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), [0] * n))
 
 
@@ -300,7 +322,7 @@ class GemmGenerator:
         # stalling the stores at the end; past-the-end addresses are harmless for prefetch.
         prefetch = ir.Function(mod, ir.FunctionType(VOID, [PTR, I32, I32, I32]), "llvm.prefetch.p0") \
             if "llvm.prefetch.p0" not in mod.globals else mod.globals["llvm.prefetch.p0"]
-        for r in range(MR):
+        for r in range(MR if c.prefetch_c else 0):
             ro = b.mul(i64(r), a["ldc"])
             for off in range(0, NR, 16):
                 b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
@@ -351,58 +373,44 @@ class GemmGenerator:
                                  ir.Constant(I32, 0))
         do_epi = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_EPILOGUE)),
                                  ir.Constant(I32, 0))
-        full = b.and_(b.icmp_signed("==", a["mr"], i64(MR)), b.icmp_signed("==", a["nr"], i64(NR)))
-        with b.if_else(full, likely=True) as (then, otherwise):
+        with b.if_else(b.icmp_signed("==", a["nr"], i64(NR)), likely=True) as (then, otherwise):
             with then:
-                self._store_full(b, a, res, load_c, do_epi)
-            with otherwise:
-                self._store_edge(b, a, res, load_c, do_epi)
+                self._store_tile(b, a, res, load_c, do_epi, masks=None)
+            with otherwise:  # the last columns of C: masked loads and stores
+                iota = [ir.Constant(ir.VectorType(I32, VW), list(range(v * VW, (v + 1) * VW)))
+                        for v in range(NV)]
+                nr = _splat_i32(b, b.trunc(a["nr"], I32), VW)
+                masks = [b.icmp_signed("<", iota[v], nr) for v in range(NV)]
+                self._store_tile(b, a, res, load_c, do_epi, masks=masks)
         b.ret_void()
         return fn
 
-    def _store_full(self, b, a, res, load_c, do_epi):
+    def _store_tile(self, b, a, res, load_c, do_epi, masks):
+        """Rows r < mr of the tile: (+ C), (epilogue on the last K block), store to C."""
         c, vt = self.cfg, self.vt
-        slots = [[_var(b, x) for x in row] for row in res]
-        offs = [b.mul(i64(r), a["ldc"]) for r in range(c.mr)]
-
-        def each(f):
-            for r in range(c.mr):
-                for v in range(c.nv):
-                    f(r, v, slots[r][v], b.add(offs[r], i64(v * c.vw)))
-
-        with b.if_then(load_c):
-            each(lambda r, v, s, o: b.store(
-                b.fadd(b.load(s, typ=vt), _load(b, vt, a["c"], o, align=4)), s))
-        if not self.epi.is_identity:
-            with b.if_then(do_epi):
-                def epi(r, v, s, o):
-                    row = b.add(a["row"], i64(r))
-                    col = b.add(a["col"], i64(v * c.vw))
-                    b.store(self.epi.vector(b, b.load(s, typ=vt), row, col, a), s)
-                each(epi)
-        each(lambda r, v, s, o: _store(b, b.load(s, typ=vt), a["c"], o, align=4))
-
-    def _store_edge(self, b, a, res, load_c, do_epi):
-        c, vt = self.cfg, self.vt
-        with b.goto_entry_block():
-            tile = b.alloca(ir.ArrayType(F32, c.mr * c.nr), name="tile")
-            tile.align = 64
-            tile.type = PTR  # an opaque pointer: vectors and scalars are stored through it
         for r in range(c.mr):
+            guard = b.if_then(b.icmp_signed("<", i64(r), a["mr"]), likely=True) if r else None
+            if guard:
+                guard.__enter__()
+            o = b.mul(i64(r), a["ldc"])
+            slots = [_var(b, x) for x in res[r]]
+            offs = [b.add(o, i64(v * c.vw)) for v in range(c.nv)]
+            mask = masks or [None] * c.nv
+            with b.if_then(load_c):
+                for v in range(c.nv):
+                    x = _load_vec(b, vt, a["c"], offs[v], mask[v])
+                    b.store(b.fadd(b.load(slots[v], typ=vt), x), slots[v])
+            if not self.epi.is_identity:
+                with b.if_then(do_epi):
+                    row = b.add(a["row"], i64(r))
+                    for v in range(c.nv):
+                        col = b.add(a["col"], i64(v * c.vw))
+                        x = self.epi.vector(b, b.load(slots[v], typ=vt), row, col, a, mask[v])
+                        b.store(x, slots[v])
             for v in range(c.nv):
-                _store(b, res[r][v], tile, r * c.nr + v * c.vw, align=4)
-        with _for(b, 0, a["mr"], name="i") as i:
-            with _for(b, 0, a["nr"], name="j") as j:
-                x = _load(b, F32, tile, b.add(b.mul(i, i64(c.nr)), j))
-                o = b.add(b.mul(i, a["ldc"]), j)
-                s = _var(b, x)
-                with b.if_then(load_c):
-                    b.store(b.fadd(b.load(s, typ=F32), _load(b, F32, a["c"], o)), s)
-                if not self.epi.is_identity:
-                    with b.if_then(do_epi):
-                        b.store(self.epi.scalar(b, b.load(s, typ=F32), b.add(a["row"], i),
-                                                b.add(a["col"], j), a), s)
-                _store(b, b.load(s, typ=F32), a["c"], o)
+                _store_vec(b, b.load(slots[v], typ=vt), a["c"], offs[v], mask[v])
+            if guard:
+                guard.__exit__(None, None, None)
 
     # -- packing ------------------------------------------------------------------------
 

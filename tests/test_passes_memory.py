@@ -1,0 +1,201 @@
+"""Memory planning: liveness, aliasing, offsets; checked by hand on small graphs and by
+running random graphs inside one arena at the planned offsets (a wrong plan clobbers a
+live value and changes the result)."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from graphc.ir import Graph, Node, f32, parse_graph, verify
+from graphc.ops import Context, get_op
+from graphc.passes import run_pipeline
+from graphc.passes.memory import (ALIGN, buffers, check_plan, cmd_memory, memory_report,
+                                  naive_bytes, plan_memory)
+
+from test_passes_common import run
+
+
+def run_in_arena(g: Graph, feeds: dict) -> dict:
+    """Run ``g`` with every value at its planned offset in one float32 arena (NaN where
+    nothing was written).  By-slices Concats and view ops copy nothing."""
+    plan = plan_memory(g)
+    check_plan(g, plan)
+    arena = np.full(plan.arena_bytes // 4 + 1, np.nan, np.float32)
+
+    def at(v):
+        off, t = plan.offsets[v], g.types[v]
+        assert off % 4 == 0
+        return arena[off // 4: off // 4 + t.numel].reshape(t.shape)
+
+    for v in g.inputs:
+        at(v)[...] = feeds[v]
+    ctx = Context()
+    for n in g.nodes:
+        if n.op == "Concat" and n.attrs.get("by_slices"):
+            continue
+        ctx.node = n
+        outs = get_op(n.op).forward(n.attrs, [at(v) for v in n.inputs],
+                                    [g.params[p].data for p in n.params], ctx)
+        for v, a in zip(n.outputs, outs):
+            at(v)[...] = a
+    return {v: at(v).copy() for v in g.outputs}
+
+
+def assert_arena_run_matches(g: Graph, feeds: dict) -> None:
+    want = run(g, feeds, keep=())
+    got = run_in_arena(g, feeds)
+    for v in g.outputs:
+        np.testing.assert_array_equal(got[v], want[v], err_msg=v)
+
+
+# ---- a hand-checked plan ---------------------------------------------------------------
+
+CHAIN = '''graph "chain" {
+  input %x: f32[16]
+  %a: f32[16] = Power(%x) {power=1.0, scale=2.0, shift=0.0} name="a"
+  %b: f32[16] = TanH(%a) name="b"
+  %c: f32[32] = Concat(%a, %b) {axis=0} name="c"
+  %d: f32[32] = Sigmoid(%c) name="d"
+  %e: f32[8] = Pooling(%d) {pool="MAX", kernel=[1, 1], stride=[1, 1], pad=[0, 0], global_pooling=false, round_mode="CEIL", top_mask=false} name="e"
+  output %d
+}
+'''
+
+
+def test_hand_plan():
+    # no passes: every value its own buffer; x[-1,0] a[0,2] b[1,2] c[2,3] d[3,5]
+    g = verify(parse_graph(CHAIN.replace(
+        '  %e: f32[8] = Pooling(%d) {pool="MAX", kernel=[1, 1], stride=[1, 1], pad=[0, 0], '
+        'global_pooling=false, round_mode="CEIL", top_mask=false} name="e"\n', "")))
+    bufs = {b.root: (b.start, b.end, b.size) for b in buffers(g)}
+    assert bufs == {"x": (-1, 0, 64), "a": (0, 2, 64), "b": (1, 2, 64), "c": (2, 3, 128),
+                    "d": (3, 4, 128)}
+    plan = plan_memory(g)
+    check_plan(g, plan)
+    # at time 2: a, b, c live (256 B) -- the most
+    assert plan.lower_bound_bytes == 256
+    assert plan.arena_bytes == 256
+    assert naive_bytes(g) == 64 * 3 + 128 * 2
+    assert naive_bytes(g, "train") == 2 * (64 * 3 + 128 * 2)
+
+
+def test_alignment_and_aliases():
+    text = '''graph "al" {
+  input %x: f32[3]
+  %a: f32[3] = TanH(%x) name="a"
+  %b: f32[3] = ReLU(%a) {negative_slope=0.0, inplace=0} name="b"
+  %r: f32[1,3] = Reshape(%b) {shape=[1, 3], axis=0, num_axes=-1} name="r"
+  %y: f32[5] = TanH(%x) name="y"
+  %c: f32[8] = Concat(%b, %y) {axis=0, by_slices=true} name="c"
+  output %c, %r
+}
+'''
+    g = verify(parse_graph(text))
+    plan = plan_memory(g)
+    check_plan(g, plan)
+    assert all(off % ALIGN == 0 for off in plan.buffer_offsets.values())
+    o = plan.offsets
+    assert o["a"] == o["b"] == o["r"] == o["c"]
+    assert o["y"] == o["c"] + 12
+    assert {b.root for b in plan.buffers} == {"x", "c"}
+    # Caffe: the Reshape top shares data; b is a separate blob from a (not in place there)
+    assert naive_bytes(g) == 4 * (3 + 3 + 3 + 5 + 8)
+
+
+# ---- random graphs run inside the arena ------------------------------------------------
+
+def random_graph(rng, n_nodes: int = 14) -> Graph:
+    g = Graph("rand")
+    g.add_input("x", f32(1, int(rng.integers(1, 4)), 2, 2))
+    vals = ["x"]
+    for i in range(n_nodes):
+        kind = rng.choice(["tanh", "relu", "sum", "concat", "reshape", "sigmoid"])
+        name = f"n{i}"
+        if kind in ("tanh", "relu", "sigmoid"):
+            v = vals[int(rng.integers(len(vals)))]
+            op = {"tanh": "TanH", "relu": "ReLU", "sigmoid": "Sigmoid"}[kind]
+            attrs = {"negative_slope": 0.0} if op == "ReLU" else {}
+            node = Node(op, name, [v], [name], [], attrs)
+        elif kind == "sum":
+            v = vals[int(rng.integers(len(vals)))]
+            same = [u for u in vals if g.types[u] == g.types[v]]
+            u = same[int(rng.integers(len(same)))]
+            node = Node("Eltwise", name, [v, u], [name], [],
+                        {"operation": "SUM", "coeff": [1.0, 1.0], "stable_prod_grad": True})
+        elif kind == "concat":
+            k = int(rng.integers(1, 4))
+            four = [u for u in vals if g.types[u].rank == 4]
+            picks = [four[int(j)] for j in rng.integers(len(four), size=k)]
+            node = Node("Concat", name, picks, [name], [], {"axis": 1})
+        else:
+            v = vals[int(rng.integers(len(vals)))]
+            node = Node("Reshape", name, [v], [name], [],
+                        {"shape": [0, -1, 1, 1], "axis": 0, "num_axes": -1})
+        t = get_op(node.op).infer(node.attrs, [g.types[u] for u in node.inputs], [])
+        g.add_node(node, t)
+        vals.append(name)
+    read = {u for n in g.nodes for u in n.inputs}
+    g.outputs = [v for v in vals[1:] if v not in read or rng.random() < 0.15]
+    return verify(g)
+
+
+def test_random_graphs_run_in_the_arena(rng):
+    for _ in range(40):
+        g = random_graph(rng)
+        opt = run_pipeline(g)
+        plan = plan_memory(opt)
+        assert plan.arena_bytes >= plan.lower_bound_bytes
+        assert plan.arena_bytes <= sum(b.size for b in plan.buffers)
+        feeds = {"x": rng.standard_normal(g.types["x"].shape).astype(np.float32)}
+        assert_arena_run_matches(opt, feeds)
+
+
+def test_the_arena_check_catches_a_bad_plan(rng, monkeypatch):
+    """The arena run is a real check: with every buffer put at offset 0 it fails."""
+    import graphc.passes.memory as mem
+    g = run_pipeline(verify(parse_graph(CHAIN)))
+    monkeypatch.setattr(mem, "_place", lambda bufs: ({b.root: 0 for b in bufs},
+                                                     max(b.size for b in bufs)))
+    with pytest.raises(AssertionError):
+        assert_arena_run_matches(g, {"x": rng.standard_normal(16).astype(np.float32)})
+
+
+# ---- report and CLI --------------------------------------------------------------------
+
+def test_memory_report_and_train_phase():
+    g = verify(parse_graph(CHAIN))
+    rep = memory_report(g)
+    assert rep["phase"] == "test" and rep["naive_bytes"] == naive_bytes(g)
+    assert rep["planned_bytes"] >= rep["lower_bound_bytes"] > 0
+    train = memory_report(g, phase="train")
+    assert train["naive_bytes"] == 2 * rep["naive_bytes"] and "forward" in train["note"]
+
+
+PROTO = '''name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "a" type: "Convolution" bottom: "conv" top: "a" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "b" type: "Convolution" bottom: "conv" top: "b" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "cat" }
+layer { name: "prob" type: "Softmax" bottom: "cat" top: "prob" }
+'''
+
+
+def test_cmd_memory(tmp_path, capsys):
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(PROTO)
+    args = argparse.Namespace(net=str(path), weights=None, phase="test", level=0, stage=[],
+                              batch=1, json=True)
+    assert cmd_memory(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    # batch 1: data 768 B, conv 2048 B (in place x2), a, b 1024 B each, cat, prob 2048 B
+    assert rep["naive_bytes"] == 4 * (3 * 64 + 8 * 64 + 4 * 64 * 2 + 8 * 64 * 2)
+    assert rep["planned_bytes"] <= rep["naive_bytes"]
+    args.json = False
+    assert cmd_memory(args) == 0
+    text = capsys.readouterr().out
+    assert "planned arena" in text and "naive" in text
