@@ -16,13 +16,29 @@ def _add_net_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=int, default=0, help="NetState level (include/exclude rules)")
     p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable)")
     p.add_argument("--batch", type=int, help="batch size for the net's inputs")
+    p.add_argument("--input", action="append", default=[], metavar="BLOB=D1,D2,...",
+                   type=_input_shape,
+                   help="shape of an input blob; naming every top of a data layer feeds "
+                        "those blobs instead of reading the layer's source (repeatable)")
+
+
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    except ValueError:
+        shape = None
+    if not sep or not name or shape is None or any(d < 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected BLOB=D1,D2,... (e.g. data=1,3,224,224), "
+                                         f"got {text!r}")
+    return name, shape
 
 
 def _load_graph(args):
     from .frontend.lower import lower
     from .frontend.prototxt import read_net
     g = lower(read_net(args.net), args.phase, level=args.level, stages=args.stage,
-              batch=args.batch)
+              batch=args.batch, input_shapes=dict(args.input))
     if args.weights:
         from .frontend.weights import load_weights_into
         load_weights_into(g, args.weights)

@@ -97,14 +97,14 @@ class Net:
         if new_shapes:
             self.reshape(**new_shapes)
         g = self.graph
-        feeds = {v: inputs.get(g.blob_of[v], self.blobs[g.blob_of[v]]) for v in g.inputs}
+        for name, value in inputs.items():     # copied in, as pycaffe copies into blob.data
+            self.blobs[name][...] = value
+        feeds = {v: self.blobs[g.blob_of[v]] for v in g.inputs}
         versions = g.blob_versions()
         env = ReferenceExecutor(g, self._ctx).run(feeds, keep=set(versions.values()))
         for blob, v in versions.items():
-            if v in env:
+            if v in env and v not in feeds:
                 self.blobs[blob] = env[v]
-            elif v in feeds:
-                self.blobs[blob] = np.asarray(feeds[v], dtype=np.float32)
         return {g.blob_of[v]: env[v] for v in g.outputs}
 
     # ---- weights --------------------------------------------------------------------

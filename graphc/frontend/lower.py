@@ -50,8 +50,10 @@ def lower(src: NetSource, phase: str = "test", *, level: int = 0, stages=(),
           batch: int | None = None) -> Graph:
     """Lower ``src`` to a verified Graph for ``phase``.
 
-    ``input_shapes`` overrides the shapes of named graph inputs; ``batch`` sets the first
-    dimension of every graph input (and of data layers that know a batch size)."""
+    ``input_shapes`` overrides the shapes of named graph inputs; a data layer (no bottoms)
+    all of whose tops are named there becomes graph inputs of those shapes, fed by the
+    caller instead of read from its source. ``batch`` sets the first dimension of every
+    graph input."""
     phase = _phase_name(phase)
     net, kept = filter_net(src.net, phase, level, tuple(stages))
     lines = [src.layer_lines[i] if i < len(src.layer_lines) else None for i in kept]
@@ -217,8 +219,12 @@ def _lower_layer(g: Graph, layer, lname: str, phase: str, where: str, current: d
     in_values = [current[b] for b in bottoms]
     in_types = [g.types[v] for v in in_values]
 
-    if op.is_graph_input:
-        out_types = op.infer(attrs, [], [])
+    # Input layers, and data layers whose every top the caller gives a shape for (the
+    # caller then feeds those blobs), become graph inputs
+    fed = not bottoms and tops and all(t in input_shapes for t in tops)
+    if op.is_graph_input or fed:
+        out_types = ([TensorType(tuple(input_shapes[t]), "f32") for t in tops] if fed
+                     else op.infer(attrs, [], []))
         for top, t in zip(tops, out_types):
             if top in current:
                 raise GraphcError(f"top '{top}' is produced by more than one layer",

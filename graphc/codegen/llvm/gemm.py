@@ -34,7 +34,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -389,28 +389,30 @@ class GemmGenerator:
         """Rows r < mr of the tile: (+ C), (epilogue on the last K block), store to C."""
         c, vt = self.cfg, self.vt
         for r in range(c.mr):
-            guard = b.if_then(b.icmp_signed("<", i64(r), a["mr"]), likely=True) if r else None
-            if guard:
-                guard.__enter__()
-            o = b.mul(i64(r), a["ldc"])
-            slots = [_var(b, x) for x in res[r]]
-            offs = [b.add(o, i64(v * c.vw)) for v in range(c.nv)]
-            mask = masks or [None] * c.nv
-            with b.if_then(load_c):
-                for v in range(c.nv):
-                    x = _load_vec(b, vt, a["c"], offs[v], mask[v])
-                    b.store(b.fadd(b.load(slots[v], typ=vt), x), slots[v])
-            if not self.epi.is_identity:
-                with b.if_then(do_epi):
-                    row = b.add(a["row"], i64(r))
-                    for v in range(c.nv):
-                        col = b.add(a["col"], i64(v * c.vw))
-                        x = self.epi.vector(b, b.load(slots[v], typ=vt), row, col, a, mask[v])
-                        b.store(x, slots[v])
+            # row 0 always exists; the others only where mr says so (bottom edge of C)
+            guard = b.if_then(b.icmp_signed("<", i64(r), a["mr"]), likely=True) if r else nullcontext()
+            with guard:
+                self._store_row(b, a, res[r], r, load_c, do_epi, masks)
+
+    def _store_row(self, b, a, acc, r, load_c, do_epi, masks):
+        c, vt = self.cfg, self.vt
+        o = b.mul(i64(r), a["ldc"])
+        slots = [_var(b, x) for x in acc]
+        offs = [b.add(o, i64(v * c.vw)) for v in range(c.nv)]
+        masks = masks or [None] * c.nv
+        with b.if_then(load_c):
             for v in range(c.nv):
-                _store_vec(b, b.load(slots[v], typ=vt), a["c"], offs[v], mask[v])
-            if guard:
-                guard.__exit__(None, None, None)
+                x = _load_vec(b, vt, a["c"], offs[v], masks[v])
+                b.store(b.fadd(b.load(slots[v], typ=vt), x), slots[v])
+        if not self.epi.is_identity:
+            with b.if_then(do_epi):
+                row = b.add(a["row"], i64(r))
+                for v in range(c.nv):
+                    col = b.add(a["col"], i64(v * c.vw))
+                    x = self.epi.vector(b, b.load(slots[v], typ=vt), row, col, a, masks[v])
+                    b.store(x, slots[v])
+        for v in range(c.nv):
+            _store_vec(b, b.load(slots[v], typ=vt), a["c"], offs[v], masks[v])
 
     # -- packing ------------------------------------------------------------------------
 
@@ -491,10 +493,18 @@ class GemmGenerator:
         ap = a["workspace"]
         bp = _addr(b, F32, ap, _round_up(MC * KC, 16))
 
-        # This part's slice: whole tiles of rows or of columns, whichever split leaves the
-        # busiest part less work (ties: rows, since repacking B is cheaper than repacking A).
         def ceil_div(x, y):
             return b.sdiv(b.add(x, b.sub(y, i64(1))), y)
+
+        def balanced(length, most, unit):
+            """Block size for ``length``: as few blocks as ``most`` allows, of equal size
+            (rounded up to ``unit``), so no short remainder block is left."""
+            nblocks = ceil_div(length, i64(most))
+            nblocks = b.select(b.icmp_signed("<", nblocks, i64(1)), i64(1), nblocks)
+            return b.mul(ceil_div(ceil_div(length, nblocks), i64(unit)), i64(unit))
+
+        # This part's slice: whole tiles of rows or of columns, whichever split leaves the
+        # busiest part less work (ties: rows, since repacking B is cheaper than repacking A).
         tm, tn = ceil_div(M, i64(MR)), ceil_div(N, i64(NR))
         per_m, per_n = ceil_div(tm, nparts), ceil_div(tn, nparts)
         work_m = b.mul(b.mul(per_m, i64(MR)), b.mul(tn, i64(NR)))
@@ -512,24 +522,28 @@ class GemmGenerator:
         acc_flag = b.select(b.icmp_unsigned("!=", a["accumulate"], ir.Constant(I32, 0)),
                             ir.Constant(I32, FLAG_LOAD_C), ir.Constant(I32, 0))
         epi_args = [a[n] for n, _ in self.epi.args]
-        with _for(b, n0, n1, NC, name="jc") as jc:
-            nc = _min(b, i64(NC), b.sub(n1, jc))
+        nc_blk = balanced(b.sub(n1, n0), NC, NR)
+        mc_blk = balanced(b.sub(m1, m0), MC, MR)
+        kc_blk = balanced(K, KC, c.unroll)
+        with _for(b, n0, n1, nc_blk, name="jc") as jc:
+            nc = _min(b, nc_blk, b.sub(n1, jc))
             # do { ... } while (pc < K): one pass even when K == 0 (C = 0 or C, + epilogue)
             pc_var = _var(b, i64(0), "pc")
             body = b.append_basic_block("pc.body")
             b.branch(body)
             b.position_at_end(body)
             pc = b.load(pc_var, typ=I64, name="pc")
-            kc = _min(b, i64(KC), b.sub(K, pc))
+            kc = _min(b, kc_blk, b.sub(K, pc))
             kcp = b.mul(ceil_div(kc, i64(c.unroll)), i64(c.unroll))
-            last = b.icmp_signed(">=", b.add(pc, i64(KC)), K)
+            pc_next = b.add(pc, kc_blk)
+            last = b.icmp_signed(">=", pc_next, K)
             flags = b.or_(b.select(b.icmp_signed(">", pc, i64(0)), ir.Constant(I32, FLAG_LOAD_C),
                                    acc_flag),
                           b.select(last, ir.Constant(I32, FLAG_EPILOGUE), ir.Constant(I32, 0)))
             b.call(pack_b, [kc, kcp, nc, _addr(b, F32, a["B"], b.add(b.mul(pc, a["ldb"]), jc)),
                             a["ldb"], bp])
-            with _for(b, m0, m1, MC, name="ic") as ic:
-                mc = _min(b, i64(MC), b.sub(m1, ic))
+            with _for(b, m0, m1, mc_blk, name="ic") as ic:
+                mc = _min(b, mc_blk, b.sub(m1, ic))
                 b.call(pack_a, [mc, kc, kcp, _addr(b, F32, a["A"], b.add(b.mul(ic, a["lda"]), pc)),
                                 a["lda"], ap])
                 with _for(b, 0, nc, NR, name="jr") as jr:
@@ -542,7 +556,6 @@ class GemmGenerator:
                         b.call(ukernel, [kcp, _addr(b, F32, ap, b.mul(ir_, kcp)),
                                          _addr(b, F32, bp, b.mul(jr, kcp)), cptr, a["ldc"],
                                          mr, nr, flags, row, col, *epi_args])
-            pc_next = b.add(pc, i64(KC))
             b.store(pc_next, pc_var)
             after = b.append_basic_block("pc.end")
             b.cbranch(b.icmp_signed("<", pc_next, K), body, after)
