@@ -13,7 +13,7 @@ def _add_net_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("net", help="the net's .prototxt")
     p.add_argument("--weights", help="a .caffemodel to load")
     p.add_argument("--phase", choices=("train", "test"), default="test")
-    p.add_argument("--level", type=int, default=0, help="NetState level (include/exclude rules)")
+    p.add_argument("--level", type=int, help="NetState level (include/exclude rules)")
     p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable)")
     p.add_argument("--batch", type=int, help="batch size for the net's inputs")
     p.add_argument("--input", action="append", default=[], metavar="BLOB=D1,D2,...",
@@ -37,8 +37,9 @@ def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def _load_graph(args):
     from .frontend.lower import lower
     from .frontend.prototxt import read_net
-    g = lower(read_net(args.net), args.phase, level=args.level, stages=args.stage,
-              batch=args.batch, input_shapes=dict(args.input))
+    g = lower(read_net(args.net), args.phase, level=getattr(args, "level", None),
+              stages=getattr(args, "stage", None) or (),
+              batch=args.batch, input_shapes=dict(getattr(args, "input", None) or []))
     if args.weights:
         from .frontend.weights import load_weights_into
         load_weights_into(g, args.weights)

@@ -22,7 +22,7 @@ from .reference import ReferenceExecutor
 
 
 class Net:
-    def __init__(self, model, weights=None, phase: str = "test", *, level: int = 0,
+    def __init__(self, model, weights=None, phase: str = "test", *, level: int | None = None,
                  stages=(), batch: int | None = None, seed: int | None = None,
                  backend: str = "reference"):
         if backend != "reference":

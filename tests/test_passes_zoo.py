@@ -28,9 +28,9 @@ def _reference(shared_dir, name):
     return _CACHE[name]
 
 
-@pytest.mark.parametrize("name", NETS)   # each takes well under 10 s: none is marked slow
 @pytest.mark.parametrize("passes", [["dead-code"], ["fold-batchnorm"], ["fuse"], None],
                          ids=["dead-code", "fold-batchnorm", "fuse", "pipeline"])
+@pytest.mark.parametrize("name", NETS)   # each takes well under 10 s: none is marked slow
 def test_passes_keep_the_numbers(shared_dir, name, passes):
     g, feeds, want = _reference(shared_dir, name)
     opt = run_pipeline(g, passes)

@@ -21,6 +21,9 @@ from ..ir.types import TensorType
 from ..ops import get_op, has_op, all_ops
 from .prototxt import NetSource, filter_net, read_net
 
+PHASES = ("train", "test")
+
+
 def load_net_source(model) -> NetSource:
     """A net from a .prototxt path, a NetSource, a caffe_pb2.NetParameter, or anything with
     ``to_proto()`` (a NetSpec)."""
@@ -35,8 +38,6 @@ def load_net_source(model) -> NetSource:
         return NetSource(net, f"<net {net.name or 'unnamed'}>", [])
     return read_net(model)
 
-PHASES = ("train", "test")
-
 
 def _phase_name(phase) -> str:
     p = str(phase).lower()
@@ -45,7 +46,7 @@ def _phase_name(phase) -> str:
     return p
 
 
-def lower(src: NetSource, phase: str = "test", *, level: int = 0, stages=(),
+def lower(src: NetSource, phase: str = "test", *, level: int | None = None, stages=(),
           input_shapes: dict[str, tuple[int, ...]] | None = None,
           batch: int | None = None) -> Graph:
     """Lower ``src`` to a verified Graph for ``phase``.
@@ -53,7 +54,7 @@ def lower(src: NetSource, phase: str = "test", *, level: int = 0, stages=(),
     ``input_shapes`` overrides the shapes of named graph inputs; a data layer (no bottoms)
     all of whose tops are named there becomes graph inputs of those shapes, fed by the
     caller instead of read from its source. ``batch`` sets the first dimension of every
-    graph input."""
+    graph input. ``level`` None keeps the net's own ``state { level }``."""
     phase = _phase_name(phase)
     net, kept = filter_net(src.net, phase, level, tuple(stages))
     lines = [src.layer_lines[i] if i < len(src.layer_lines) else None for i in kept]

@@ -74,7 +74,7 @@ class GemmConfig:
     mc: int
     nc: int
     unroll: int = 4
-    prefetch_c: bool = True
+    prefetch_c: int = 2  # 0: none, 1: whole C tile before the k loop, 2: a row per trip
 
     @property
     def nr(self) -> int:
@@ -322,7 +322,7 @@ class GemmGenerator:
         # stalling the stores at the end; past-the-end addresses are harmless for prefetch.
         prefetch = ir.Function(mod, ir.FunctionType(VOID, [PTR, I32, I32, I32]), "llvm.prefetch.p0") \
             if "llvm.prefetch.p0" not in mod.globals else mod.globals["llvm.prefetch.p0"]
-        for r in range(MR if c.prefetch_c else 0):
+        for r in range(MR if c.prefetch_c == 1 else 0):
             ro = b.mul(i64(r), a["ldc"])
             for off in range(0, NR, 16):
                 b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
@@ -340,6 +340,12 @@ class GemmGenerator:
         k = b.phi(I64, "k")
         acc = [[b.phi(vt, f"acc{r}_{v}") for v in range(NV)] for r in range(MR)]
         cur = [[x for x in row] for row in acc]
+        if c.prefetch_c == 2:
+            t = b.sdiv(k, i64(c.unroll))
+            ro = b.mul(_min(b, t, i64(MR - 1)), a["ldc"])
+            for off in (0, NR - 1):
+                b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
+                                  ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
         for u in range(c.unroll):
             ku = b.add(k, i64(u)) if u else k
             bo = b.mul(ku, i64(NR))
