@@ -56,7 +56,10 @@ def cmd_dump(args) -> int:
     def show(name, graph):
         shown.append((name, graph))
 
-    g = run_pipeline(g, after=args.after, on_pass=show if args.print_after_all else None)
+    from .passes import TRAIN_PIPELINE
+    names = TRAIN_PIPELINE if args.phase == "train" else None
+    g = run_pipeline(g, names, after=args.after,
+                     on_pass=show if args.print_after_all else None)
     if args.json:
         per, total = graph_cost(g)
         doc = {
@@ -105,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dump)
+    from .data.convert import add_convert_data_parser
+    add_convert_data_parser(sub)
+    from .train.cli import add_train_parsers
+    add_train_parsers(sub)
     return ap
 
 

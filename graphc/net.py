@@ -5,6 +5,10 @@
     net.blobs["conv1"]                 # ndarray after forward (the last in-place version)
     net.params["conv1"][0][...] = w    # writable parameters
     net.save("out.caffemodel")
+
+    net = graphc.Net("train.prototxt", phase="train")
+    loss = net.forward_backward(data=x, label=y)   # total weighted loss
+    net.grads["conv1.0"]               # gradient of each param (by param name)
 """
 from __future__ import annotations
 
@@ -19,6 +23,11 @@ from .frontend.prototxt import NetSource
 from .ir.graph import Graph
 from .ops.base import Context
 from .reference import ReferenceExecutor
+
+
+def _updates_params(n) -> bool:
+    from .ops import get_op
+    return get_op(n.op).updates_params and not n.attrs.get("use_global_stats", True)
 
 
 class Net:
@@ -87,6 +96,17 @@ class Net:
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         """Run forward; inputs by blob name (others are taken from ``self.blobs``).
         Returns {output blob name: array}. An input of a new shape reshapes the net."""
+        feeds = self._feeds(inputs)
+        g = self.graph
+        self._remember(feeds)
+        versions = g.blob_versions()
+        env = ReferenceExecutor(g, self._ctx).run(feeds, keep=set(versions.values()))
+        self._store_blobs(env, feeds)
+        return {g.blob_of[v]: env[v] for v in g.outputs}
+
+    def _feeds(self, inputs: dict) -> dict[str, np.ndarray]:
+        """Check and copy the given inputs into ``self.blobs`` (reshaping the net for a new
+        shape); return the graph inputs' arrays."""
         known = set(self.inputs)
         unknown = set(inputs) - known
         if unknown:
@@ -99,13 +119,91 @@ class Net:
         g = self.graph
         for name, value in inputs.items():     # copied in, as pycaffe copies into blob.data
             self.blobs[name][...] = value
-        feeds = {v: self.blobs[g.blob_of[v]] for v in g.inputs}
-        versions = g.blob_versions()
-        env = ReferenceExecutor(g, self._ctx).run(feeds, keep=set(versions.values()))
-        for blob, v in versions.items():
+        return {v: self.blobs[g.blob_of[v]] for v in g.inputs}
+
+    def _store_blobs(self, env: dict, feeds: dict) -> None:
+        for blob, v in self.graph.blob_versions().items():
             if v in env and v not in feeds:
                 self.blobs[blob] = env[v]
-        return {g.blob_of[v]: env[v] for v in g.outputs}
+
+    # ---- training -------------------------------------------------------------------
+    @property
+    def train_graph(self) -> Graph:
+        """The forward graph plus its backward graph (``passes.TRAIN_PIPELINE``: autodiff,
+        no inference-only rewrites), built on first use and after a reshape.  Its params
+        are this net's arrays."""
+        if getattr(self, "_train_src", None) is not self.graph:
+            from .passes import TRAIN_PIPELINE, run_pipeline
+            self._train_graph = run_pipeline(self.graph, TRAIN_PIPELINE)
+            self._train_src = self.graph
+        tg = self._train_graph
+        for name, p in tg.params.items():
+            p.data = self.graph.params[name].data
+        return tg
+
+    def forward_backward(self, **inputs) -> float:
+        """Run forward and backward (inputs as for ``forward``); return the total loss,
+        ``sum(loss_weight * top)`` accumulated in float32 as Caffe's Net::Forward does.
+        Fills ``self.blobs`` (as ``forward``), ``self.grads`` (param name -> gradient of the
+        loss; zeros for a param no gradient reaches, e.g. ``lr_mult: 0``) and
+        ``self.blob_diffs`` (blob name -> gradient, as Caffe's blob diff after backward:
+        for an in-place blob, that of its first version; zeros where none)."""
+        feeds = self._feeds(inputs)
+        self._remember(feeds)
+        return self._run_train(feeds)
+
+    def backward(self) -> dict[str, np.ndarray]:
+        """pycaffe's ``net.backward()`` after ``net.forward(...)``: the gradients of that
+        forward pass (same inputs, same Dropout masks; BatchNorm statistics are not
+        updated twice).  It runs that forward again with the backward graph, so a Python
+        layer sees a second forward call.  Fills ``grads``/``blob_diffs`` as
+        ``forward_backward``; returns {input blob: gradient} for inputs that have one
+        (``force_backward``)."""
+        last = getattr(self, "_last_forward", None)
+        if last is None or last[0] is not self.graph:
+            raise GraphcError("backward() needs a forward() pass first",
+                              hint="call net.forward(...) (or use net.forward_backward(...))")
+        _, feeds, rng_state, saved = last
+        self._ctx.rng.bit_generator.state = rng_state
+        for name, data in saved.items():
+            self.graph.params[name].data[...] = data
+        self._run_train(feeds)
+        g = self.graph
+        return {g.blob_of[v]: self.blob_diffs[g.blob_of[v]] for v in g.inputs
+                if v in self.train_graph.value_grads}
+
+    def _remember(self, feeds: dict) -> None:
+        """What ``backward`` needs to redo this forward: the inputs, the random state and
+        the params the forward updates in place (BatchNorm statistics in training)."""
+        g = self.graph
+        updated = {p for n in g.nodes if _updates_params(n) for p in n.params}
+        self._last_forward = (g, {v: np.array(a, copy=True) for v, a in feeds.items()},
+                              self._ctx.rng.bit_generator.state,
+                              {p: np.array(g.params[p].data, copy=True) for p in updated})
+
+    def _run_train(self, feeds: dict) -> float:
+        g, tg = self.graph, self.train_graph
+        versions = g.blob_versions()
+        keep = (set(versions.values()) | set(tg.value_grads.values())
+                | set(tg.param_grads.values()) | {v for v, _ in tg.losses})
+        env = ReferenceExecutor(tg, self._ctx).run(feeds, keep=keep)
+        self._store_blobs(env, feeds)
+        loss = np.float32(0)
+        for v, w in tg.losses:
+            loss += np.float32(w) * env[v].sum(dtype=np.float32)
+        self.grads = OrderedDict(
+            (name, np.array(env[tg.param_grads[name]], dtype=np.float32, copy=True)
+             if name in tg.param_grads else np.zeros(p.type.shape, np.float32))
+            for name, p in g.params.items())
+        diffs: OrderedDict[str, np.ndarray] = OrderedDict()
+        for v in [*g.inputs, *(o for n in g.nodes for o in n.outputs)]:
+            blob = g.blob_of.get(v, v)
+            if blob not in diffs and v in tg.value_grads:
+                diffs[blob] = np.array(env[tg.value_grads[v]], dtype=np.float32, copy=True)
+        self.blob_diffs = OrderedDict(
+            (blob, diffs[blob] if blob in diffs else np.zeros(self.blobs[blob].shape, np.float32))
+            for blob in versions)
+        return float(loss)
 
     # ---- weights --------------------------------------------------------------------
     def copy_from(self, path) -> None:

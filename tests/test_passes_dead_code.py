@@ -71,7 +71,7 @@ def test_training_dropout_is_kept():
 
 KEEP = '''graph "k" {
   input %x: f32[2,3]
-  %y: f32[2,3] = ReLU(%x) {negative_slope=0.0} name="relu"
+  %y: f32[2,3] = TanH(%x) name="tanh"
   %out: f32[2,3] = Dropout(%y) {dropout_ratio=0.5, train=false} name="drop"
   output %out
 }
@@ -90,7 +90,7 @@ def test_in_place_dropout_at_the_output_goes(rng):
                         'name="drop" blobs=["y"]').replace("output %out", "output %y~drop")
     check_text("dead-code", text, '''graph "k" {
   input %x: f32[2,3]
-  %y: f32[2,3] = ReLU(%x) {negative_slope=0.0} name="relu"
+  %y: f32[2,3] = TanH(%x) name="tanh"
   output %y
 }
 ''', rng)

@@ -63,3 +63,19 @@ def test_memory_targets(shared_dir, name):
     rep = memory_report(g)
     assert rep["lower_bound_bytes"] <= rep["planned_bytes"] <= 1.1 * rep["lower_bound_bytes"]
     assert rep["planned_bytes"] <= TARGETS.get(name, 1.0) * rep["naive_bytes"]
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_naive_is_what_caffe_holds(shared_dir, name):
+    """naive_bytes at the golden batch = the bytes of every blob real Caffe listed, less
+    the Split tops Caffe inserted (they share their bottom's data)."""
+    import math
+    from graphc.frontend.lower import lower
+    from graphc.frontend.prototxt import read_net
+    from graphc.passes.memory import naive_bytes
+    d = shared_dir / "golden" / name
+    man = manifest(d)
+    caffe = sum(4 * math.prod(s["shape"]) for blob, s in man["blob_stats"].items()
+                if "_split_" not in blob)
+    g = lower(read_net(d / "net.prototxt"), "test", batch=man["input_shape"][0])
+    assert naive_bytes(g) == caffe

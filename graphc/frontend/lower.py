@@ -83,6 +83,7 @@ def lower(src: NetSource, phase: str = "test", *, level: int | None = None, stag
                           where=src.filename,
                           hint=f"the net's inputs are: {', '.join(g.inputs) or '(none)'}")
     g.outputs = [v for v in current.values() if v not in consumed]
+    g.force_backward = bool(net.force_backward)
     from ..ir.verify import verify
     verify(g, check_types=False)
     return g
@@ -209,9 +210,12 @@ def _lower_layer(g: Graph, layer, lname: str, phase: str, where: str, current: d
         raise GraphcError(f"unknown layer type '{layer.type}'", hint=hint)
     op = get_op(layer.type)
     attrs = op.from_caffe(layer, phase)
-    if "search_dir" in attrs and attrs["search_dir"] is None:   # Python layers
-        import os
-        attrs["search_dir"] = os.path.dirname(os.path.abspath(where.rsplit(":", 1)[0]))
+    # Python layers (search_dir) and data layers (source_dir) also look for files next to
+    # the prototxt: an attr present with value None is set to the prototxt's directory
+    for key in ("search_dir", "source_dir"):
+        if key in attrs and attrs[key] is None:
+            import os
+            attrs[key] = os.path.dirname(os.path.abspath(where.rsplit(":", 1)[0]))
     bottoms, tops = list(layer.bottom), list(layer.top)
     if op.is_loss and not tops:   # Caffe's AutoTopBlobs: a loss layer always has a top
         tops = ["(automatic)"]

@@ -5,6 +5,11 @@ in-place layer (``bottom == top``) defines a new version of the blob, named
 ``<blob>~<layer>``; ``Value.blob`` / ``Graph.blob_of`` keep the Caffe blob name so a user
 can still ask for ``net.blobs["conv1"]`` (the last version, as in Caffe).
 Learnable blobs are ``Param``s, referenced by nodes by name (``$name`` in the text form).
+
+Training (the ``autodiff`` pass): ``losses`` lists the loss terms (value, loss weight) whose
+weighted sum is the net's loss; ``param_grads`` / ``value_grads`` map a param / a value to
+the value holding its gradient; ``force_backward`` is NetParameter.force_backward (the
+graph inputs get gradients too).
 """
 from __future__ import annotations
 
@@ -56,6 +61,11 @@ class Graph:
         self.blob_of: dict[str, str] = {}           # value name -> Caffe blob name
         self.params: dict[str, Param] = {}          # param name -> Param
         self.nodes: list[Node] = []
+        # training
+        self.losses: list[tuple[str, float]] = []   # (value, loss weight)
+        self.param_grads: dict[str, str] = {}       # param name -> its gradient value
+        self.value_grads: dict[str, str] = {}       # value -> its gradient value
+        self.force_backward: bool = False
 
     # ---- construction ---------------------------------------------------------
     def add_input(self, name: str, type: TensorType, blob: str | None = None) -> str:
@@ -112,6 +122,10 @@ class Graph:
         g.blob_of = dict(self.blob_of)
         g.params = {k: p.copy() for k, p in self.params.items()}
         g.nodes = [n.copy() for n in self.nodes]
+        g.losses = list(self.losses)
+        g.param_grads = dict(self.param_grads)
+        g.value_grads = dict(self.value_grads)
+        g.force_backward = self.force_backward
         return g
 
     def __str__(self) -> str:

@@ -6,14 +6,20 @@
       %conv1: f32[64,20,24,24] = Convolution($conv1.0, ...) ...
       %conv1~relu1: f32[64,20,24,24] = ReLU(%conv1) {negative_slope=0.0} name="relu1" blobs=["conv1"]
       () = Silence(%label) name="silence"
+      loss %loss weight=1.0
+      grad $conv1.0 = %$conv1.0@grad
+      grad %data = %data@grad
+      force_backward
       output %prob
     }
 
-``%`` marks values, ``$`` parameters; names outside ``[A-Za-z0-9_./-~#+]`` are quoted
+``%`` marks values, ``$`` parameters; names outside ``[A-Za-z0-9_./-~#+@$]`` are quoted
 (``%"odd name"``).  A node line is ``outputs = Op(inputs, params) {attrs} name=... loc=...
 blobs=[...]``; ``blobs`` appears only when an output's Caffe blob name differs from its
 value name (in-place layers).  ``//`` starts a comment (the dump puts costs there).
 Attribute values are ints, floats, true/false, null, strings, lists and ``{k=v}`` dicts.
+Training graphs add ``loss`` lines (a loss term and its weight), ``grad`` lines (a param
+or value and the value holding its gradient) and ``force_backward``.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from ..errors import GraphcError
 from .graph import Graph, Node, Param
 from .types import TensorType
 
-_BARE = re.compile(r"[A-Za-z0-9_./\-~#+]+\Z")
+_BARE = re.compile(r"[A-Za-z0-9_./\-~#+@$]+\Z")
 
 
 def _name(sigil: str, name: str) -> str:
@@ -89,6 +95,14 @@ def print_graph(g: Graph, annotate: Callable[[Node], str] | None = None) -> str:
             if note:
                 line += f"  // {note}"
         lines.append(line)
+    for v, w in g.losses:
+        lines.append(f"  loss {_name('%', v)} weight={format_value(float(w))}")
+    for p, v in g.param_grads.items():
+        lines.append(f"  grad {_name('$', p)} = {_name('%', v)}")
+    for x, v in g.value_grads.items():
+        lines.append(f"  grad {_name('%', x)} = {_name('%', v)}")
+    if g.force_backward:
+        lines.append("  force_backward")
     if g.outputs:
         lines.append("  output " + ", ".join(_name("%", o) for o in g.outputs))
     lines.append("}")
@@ -101,7 +115,7 @@ def print_graph(g: Graph, annotate: Callable[[Node], str] | None = None) -> str:
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r]+|//[^\n]*)
   | (?P<nl>\n)
-  | (?P<val>[%$](?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_./\-~#+]+))
+  | (?P<val>[%$](?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_./\-~#+@$]+))
   | (?P<str>"(?:[^"\\]|\\.)*")
   | (?P<num>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?|-inf\b)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*)
@@ -260,6 +274,28 @@ class _Parser:
             extra = self.attrs() if self.tok.text == "{" else {}
             g.add_param(Param(name, typ, float(extra.get("lr_mult", 1.0)),
                               float(extra.get("decay_mult", 1.0))))
+        elif t.kind == "ident" and t.text == "loss":
+            self.i += 1
+            v = self.ref("%")
+            self.expect("weight")
+            self.expect("=")
+            w = self.value()
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise self.error("expected a number for the loss weight")
+            g.losses.append((v, float(w)))
+        elif t.kind == "ident" and t.text == "grad":
+            self.i += 1
+            if self.tok.kind == "val" and self.tok.text[0] == "$":
+                p = self.ref("$")
+                self.expect("=")
+                g.param_grads[p] = self.ref("%")
+            else:
+                x = self.ref("%")
+                self.expect("=")
+                g.value_grads[x] = self.ref("%")
+        elif t.kind == "ident" and t.text == "force_backward":
+            self.i += 1
+            g.force_backward = True
         elif t.kind == "ident" and t.text == "output":
             self.i += 1
             g.outputs.append(self.ref("%"))

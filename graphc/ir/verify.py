@@ -64,4 +64,15 @@ def verify(g: Graph, check_types: bool = True) -> Graph:
     for o in g.outputs:
         if o not in defined:
             raise _fail(g, f"graph output %{o} is never defined")
+    for v, _ in g.losses:
+        if v not in defined:
+            raise _fail(g, f"loss term %{v} is never defined")
+    for p, v in g.param_grads.items():
+        if p not in g.params:
+            raise _fail(g, f"gradient of param ${p}, which does not exist")
+        if v not in defined or g.types[v].shape != g.params[p].type.shape:
+            raise _fail(g, f"gradient %{v} of param ${p} is not a defined value of its shape")
+    for x, v in g.value_grads.items():
+        if x not in defined or v not in defined or g.types[v].shape != g.types[x].shape:
+            raise _fail(g, f"gradient %{v} of %{x} is not a defined value of its shape")
     return g

@@ -5,3 +5,5 @@ from . import activation, elementwise  # noqa: F401,E402
 from . import tensor, softmax, loss, python_layer  # noqa: F401,E402
 from . import fillers, conv, pool, linear, norm, data  # noqa: F401,E402
 from . import fused  # noqa: F401,E402
+from . import data_layers  # noqa: F401,E402
+from . import grad  # noqa: F401,E402

@@ -54,6 +54,21 @@ class _Neuron(Op):
     def compute(self, attrs: dict, x: np.ndarray, params, ctx: Context) -> np.ndarray:
         raise NotImplementedError(f"{self.type}.compute")
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        x, y, dy = inputs[0], outputs[0], grad_outputs[0]
+        if dy is None:
+            dy = np.zeros_like(x)
+        with np.errstate(all="ignore"):
+            dx = self.grad(attrs, x, y, dy, ctx) if need_inputs[0] else None
+        return [None if dx is None else np.asarray(dx, dtype=x.dtype)], []
+
+    def grad(self, attrs: dict, x: np.ndarray, y: np.ndarray | None, dy: np.ndarray,
+             ctx: Context) -> np.ndarray:
+        """dLoss/dx from the bottom x, the top y (when ``backward_uses_outputs``) and
+        dLoss/dy, as Caffe's Backward_cpu computes it."""
+        raise NotImplementedError(f"{self.type}.grad")
+
     def flops_per_element(self, attrs: dict) -> int:
         return 1
 
@@ -80,6 +95,11 @@ class ReLU(_Neuron):
     def compute(self, attrs, x, params, ctx):
         zero = _c(x, 0)
         return np.maximum(x, zero) + _c(x, attrs["negative_slope"]) * np.minimum(x, zero)
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * ((x > 0) + negative_slope * (x <= 0))``."""
+        pos = (x > 0).astype(x.dtype)
+        return dy * (pos + _c(x, attrs["negative_slope"]) * (x <= 0).astype(x.dtype))
 
     def flops_per_element(self, attrs):
         return 1 if attrs["negative_slope"] == 0 else 3
@@ -134,6 +154,29 @@ class PReLU(_Neuron):
         zero = _c(x, 0)
         return np.maximum(x, zero) + slope * np.minimum(x, zero)
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: ``dslope[c] += dy * x * (x <= 0)`` summed over every position of channel
+        c (all of them when shared); ``dx = dy * (x > 0 ? 1 : slope)``."""
+        x, dy = inputs[0], grad_outputs[0]
+        if dy is None:
+            dy = np.zeros_like(x)
+        neg = (x <= 0).astype(x.dtype)
+        dx = dslope = None
+        if need_params and need_params[0]:
+            prod = dy * x * neg
+            if attrs["channel_shared"]:
+                dslope = np.asarray(prod.sum(dtype=x.dtype)).reshape(np.shape(params[0]))
+            else:
+                axes = (0,) + tuple(range(2, x.ndim))
+                dslope = prod.sum(axis=axes, dtype=x.dtype).reshape(np.shape(params[0]))
+        if need_inputs[0]:
+            slope = np.asarray(params[0], dtype=x.dtype)
+            slope = (slope.reshape(()) if attrs["channel_shared"]
+                     else slope.reshape((1, x.shape[1]) + (1,) * (x.ndim - 2)))
+            dx = dy * ((x > 0).astype(x.dtype) + slope * neg)
+        return [dx], [dslope]
+
     def flops_per_element(self, attrs):
         return 3
 
@@ -151,6 +194,14 @@ class ELU(_Neuron):
         zero, one = _c(x, 0), _c(x, 1)
         return np.maximum(x, zero) + _c(x, attrs["alpha"]) * (np.exp(np.minimum(x, zero)) - one)
 
+    def backward_uses_outputs(self, attrs):
+        return True
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * ((x > 0) + (alpha + y) * (x <= 0))``."""
+        pos, neg = (x > 0).astype(x.dtype), (x <= 0).astype(x.dtype)
+        return dy * (pos + (_c(x, attrs["alpha"]) + y) * neg)
+
     def flops_per_element(self, attrs):
         return TRANSCENDENTAL_FLOPS + 4
 
@@ -167,6 +218,13 @@ class Sigmoid(_Neuron):
     def compute(self, attrs, x, params, ctx):
         return 0.5 * np.tanh(0.5 * x.astype(np.float64)) + 0.5
 
+    def backward_uses_outputs(self, attrs):
+        return True
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * y * (1 - y)``."""
+        return dy * y * (_c(y, 1) - y)
+
     def flops_per_element(self, attrs):
         return TRANSCENDENTAL_FLOPS + 2
 
@@ -182,6 +240,13 @@ class TanH(_Neuron):
     def compute(self, attrs, x, params, ctx):
         return np.tanh(x)
 
+    def backward_uses_outputs(self, attrs):
+        return True
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * (1 - y^2)``."""
+        return dy * (_c(y, 1) - y * y)
+
     def flops_per_element(self, attrs):
         return TRANSCENDENTAL_FLOPS
 
@@ -195,6 +260,10 @@ class AbsVal(_Neuron):
 
     def compute(self, attrs, x, params, ctx):
         return np.abs(x)
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * sign(x)`` (0 at 0)."""
+        return dy * np.sign(x)
 
 
 @register
@@ -225,6 +294,35 @@ class Power(_Neuron):
         if power != 1:
             y = np.power(y, power)
         return y.copy() if y is x else y
+
+    def backward_uses_outputs(self, attrs):
+        power, scale, shift = attrs["power"], attrs["scale"], attrs["shift"]
+        return power * scale != 0 and power not in (1, 2)
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """Caffe's cases, with ``diff_scale = power * scale``: a constant ``diff_scale``
+        when it is 0 or power is 1; power 2: ``diff_scale * (scale * x + shift)``; shift 0:
+        ``power * y / x``; otherwise ``diff_scale * y / (scale * x + shift)``."""
+        power, scale, shift = (_c(x, attrs[k]) for k in ("power", "scale", "shift"))
+        diff_scale = power * scale
+        if diff_scale == 0 or power == 1:
+            d = np.full(x.shape, diff_scale, dtype=x.dtype)
+        elif power == 2:
+            d = (diff_scale * scale) * x
+            if shift != 0:
+                d = d + diff_scale * shift
+        elif shift == 0:
+            d = (y / x) * power
+        else:
+            base = x
+            if scale != 1:
+                base = base * scale
+            if shift != 0:
+                base = base + shift
+            d = y / base
+            if diff_scale != 1:
+                d = d * diff_scale
+        return dy * d
 
     def flops_per_element(self, attrs):
         power, scale, shift = attrs["power"], attrs["scale"], attrs["shift"]
@@ -278,6 +376,15 @@ class Exp(_Neuron):
         y = np.exp(x) if inner == 1 else np.exp(x * inner)
         return y * outer if outer != 1 else y
 
+    def backward_uses_outputs(self, attrs):
+        return True
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * y * inner_scale``."""
+        inner, _ = self._scales(attrs, x.dtype)
+        d = y * dy
+        return d * inner if inner != 1 else d
+
     def flops_per_element(self, attrs):
         inner, outer = self._scales(attrs, np.dtype(np.float32))
         return TRANSCENDENTAL_FLOPS + int(inner != 1) + int(outer != 1)
@@ -318,6 +425,20 @@ class Log(_Neuron):
         base_scale = self._base_scale(attrs, x.dtype)
         return y * base_scale if base_scale != 1 else y
 
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * (scale / log(base)) / (scale * x + shift)``."""
+        scale, shift = _c(x, attrs["scale"]), _c(x, attrs["shift"])
+        d = x
+        if scale != 1:
+            d = d * scale
+        if shift != 0:
+            d = d + shift
+        d = _c(x, 1) / d
+        num_scale = scale * self._base_scale(attrs, x.dtype)
+        if num_scale != 1:
+            d = d * num_scale
+        return dy * d
+
     def flops_per_element(self, attrs):
         base_scale = self._base_scale(attrs, np.dtype(np.float32))
         return (TRANSCENDENTAL_FLOPS + int(attrs["scale"] != 1) + int(attrs["shift"] != 0)
@@ -340,15 +461,22 @@ class BNLL(_Neuron):
         neg = np.log(1.0 + np.exp(x).astype(np.float64))
         return np.where(x > 0, pos, neg)
 
+    def grad(self, attrs, x, y, dy, ctx):
+        """``dy * e / (e + 1)`` with ``e = exp(min(x, 50))`` (Caffe's kBNLL_THRESHOLD)."""
+        e = np.exp(np.minimum(x, _c(x, 50)))
+        return dy * e / (e + _c(x, 1))
+
     def flops_per_element(self, attrs):
         return 2 * TRANSCENDENTAL_FLOPS + 3
 
 
 @register
 class Threshold(_Neuron):
-    """``y = 1 if x > threshold else 0`` (strictly greater)."""
+    """``y = 1 if x > threshold else 0`` (strictly greater).  No gradient (Caffe's
+    backward is not implemented): gradients stop here."""
     type = "Threshold"
     caffe_param = "threshold_param"
+    differentiable = False
 
     def from_caffe(self, layer, phase):
         return {"threshold": float(layer.threshold_param.threshold)}
@@ -389,6 +517,17 @@ class Dropout(_Neuron):
         ctx.state["mask"] = mask
         ctx.state["scale"] = scale
         return x * mask * scale
+
+    def grad(self, attrs, x, y, dy, ctx):
+        """Train: ``dy * mask * scale`` with the forward's mask (from ``ctx.state``);
+        test: ``dy``."""
+        if not attrs["train"]:
+            return dy.copy()
+        st = ctx.state
+        if "mask" not in st:
+            raise OpError("Dropout backward found no mask: the forward pass of this layer "
+                          "has not run", hint="run forward before backward")
+        return dy * st["mask"] * st["scale"]
 
     def flops_per_element(self, attrs):
         return 2 if attrs["train"] else 0

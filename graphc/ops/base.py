@@ -7,7 +7,7 @@ Everything about one op lives on its class, side by side:
 * ``infer(attrs, in_types, param_types)``  output tensor types (shape inference + checks)
 * ``forward(attrs, inputs, params, ctx)``  reference semantics in numpy, exactly Caffe's
 * ``cost(attrs, in_types, param_types, out_types)``  flops and bytes
-* (training issue) ``backward(...)``  gradient rule
+* ``backward(...)``  the gradient rule (Caffe's Backward_cpu), numpy, beside ``forward``
 
 Attributes are plain data (int, float, bool, str, lists of those, dicts of those), so the
 IR text printer/parser can round-trip them.  Ops raise ``OpError(message, hint=...)``; the
@@ -105,6 +105,9 @@ class Op:
     #: data-producing layer with no bottoms whose outputs are fed from outside the graph
     #: (Input): lowered to graph inputs, not to a node
     is_graph_input: ClassVar[bool] = False
+    #: gradients flow through this op; False (Accuracy, ArgMax, data layers, Threshold)
+    #: stops them, as a layer Caffe never runs backward for
+    differentiable: ClassVar[bool] = True
 
     # ---- Caffe -> attributes -------------------------------------------------
     def from_caffe(self, layer, phase: str) -> dict:
@@ -124,6 +127,40 @@ class Op:
     def forward(self, attrs: dict, inputs: list[np.ndarray], params: list[np.ndarray],
                 ctx: Context) -> list[np.ndarray]:
         raise NotImplementedError(f"{self.type}.forward")
+
+    # ---- gradient -----------------------------------------------------------
+    def grad_inputs(self, attrs: dict, n_inputs: int) -> list[bool]:
+        """Which bottoms can receive a gradient at all.  Default: every bottom of a
+        differentiable op.  Labels of losses, Embed's indices and Crop's reference bottom
+        cannot (Caffe refuses or ignores ``propagate_down`` for them)."""
+        return [self.differentiable] * n_inputs
+
+    def backward_uses_outputs(self, attrs: dict) -> bool:
+        """True when ``backward`` reads the forward outputs (as Caffe's reads top data:
+        Sigmoid, TanH, Softmax, ...); the Grad node then takes them as inputs."""
+        return False
+
+    def backward(self, attrs: dict, inputs: list[np.ndarray], params: list[np.ndarray],
+                 outputs: list[np.ndarray | None], grad_outputs: list[np.ndarray | None],
+                 need_inputs: list[bool], need_params: list[bool],
+                 ctx: Context) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+        """The gradient rule: ``grad_outputs[k]`` is dLoss/d(output k) (None: no gradient
+        reaches that output; treat as zero); ``outputs`` holds the forward outputs when
+        ``backward_uses_outputs`` (else None entries).  Returns (gradient per input, gradient
+        per param), None where ``need_inputs`` / ``need_params`` is false.  ``ctx.state``
+        is the forward node's state (e.g. Dropout's mask)."""
+        raise OpError(f"{self.type} has no gradient rule",
+                      hint="set propagate_down: false on the bottoms that feed it, or lr_mult: "
+                           "0 on the layers before it, so no gradient has to pass through")
+
+    def grad_cost(self, attrs: dict, in_types: list[TensorType], param_types: list[TensorType],
+                  out_types: list[TensorType], need_inputs: list[bool],
+                  need_params: list[bool]) -> int:
+        """Flops of the backward: by default the forward's flops once for the input
+        gradients and once more for the param gradients (a matmul's backward is two
+        matmuls of the forward's size)."""
+        f = self.cost(attrs, in_types, param_types, out_types).flops
+        return f * max(1, int(any(need_inputs)) + int(any(need_params)))
 
     # ---- cost ---------------------------------------------------------------
     def cost(self, attrs: dict, in_types: list[TensorType], param_types: list[TensorType],

@@ -175,6 +175,44 @@ def deconv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride, p
     return y
 
 
+def conv_backward_data(dy: np.ndarray, w: np.ndarray, in_spatial, stride, pad, dilation,
+                       group: int) -> np.ndarray:
+    """The input gradient of ``conv_forward``: dy (N, O, *out), w (O, C/g, *K) ->
+    (N, C, *in_spatial).  Columns ``W^T dy`` per group, scattered back onto the padded
+    input (col2im: each kernel tap adds at stride ``stride``), then the pad cropped.
+    Input positions no window reaches (the remainder of a strided conv) get 0."""
+    n, o = dy.shape[:2]
+    cg, kernel = w.shape[1], w.shape[2:]
+    c, nsp, out = cg * group, dy.ndim - 2, dy.shape[2:]
+    wm = w.reshape(group, o // group, cg * math.prod(kernel)).transpose(0, 2, 1)
+    cols = np.matmul(wm, dy.reshape(n, group, o // group, math.prod(out)))
+    cols = cols.reshape(n, c, *kernel, *out)
+    padded = tuple(in_spatial[i] + 2 * pad[i] for i in range(nsp))
+    xp = np.zeros((n, c, *padded), dtype=cols.dtype)
+    for tap in np.ndindex(*kernel):
+        sl = tuple(slice(t * d, t * d + s * (m - 1) + 1, s)
+                   for t, d, s, m in zip(tap, dilation, stride, out))
+        xp[(slice(None), slice(None), *sl)] += cols[(slice(None), slice(None), *tap)]
+    crop = tuple(slice(p, p + size) for p, size in zip(pad, in_spatial))
+    return np.ascontiguousarray(xp[(slice(None), slice(None), *crop)])
+
+
+def conv_backward_weight(x: np.ndarray, dy: np.ndarray, kernel, stride, pad, dilation,
+                         group: int) -> np.ndarray:
+    """The weight gradient of ``conv_forward``: x (N, C, *S), dy (N, O, *out) ->
+    (O, C/g, *K), ``sum over the batch of dy_g @ im2col(x)_g^T`` (Caffe's weight_cpu_gemm)."""
+    n, c = x.shape[:2]
+    o, out = dy.shape[1], dy.shape[2:]
+    if any(pad):
+        x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in pad])
+    cols = _windows(x, kernel, stride, dilation, out)
+    kdim = (c // group) * math.prod(kernel)
+    cols = cols.reshape(n, group, kdim, math.prod(out))
+    dyg = dy.reshape(n, group, o // group, math.prod(out))
+    dw = np.matmul(dyg, cols.transpose(0, 1, 3, 2)).sum(axis=0)      # (g, O/g, kdim)
+    return dw.reshape(o, c // group, *kernel)
+
+
 class _ConvBase(Op):
     init_attrs = ("weight_filler", "bias_filler")
     caffe_param = "convolution_param"
@@ -264,6 +302,38 @@ class _ConvBase(Op):
             y = fn(x3, w, b, geo.stride, geo.pad, geo.dilation, geo.group)
             outs.append(y.reshape(geo.out_shape()).astype(np.float32, copy=False))
         return outs
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Per bottom i (top i's gradient dy): Convolution ``dx = col2im(W^T dy)``,
+        ``dW += dy im2col(x)^T``; Deconvolution (a transposed convolution) ``dx =
+        conv(dy, W)``, ``dW += x im2col(dy)^T``; ``db += sum(dy)`` over batch and space.
+        The weights are shared by all bottoms, so their gradients add up."""
+        geo = Geometry(attrs, inputs[0].shape, self.transposed)
+        w = params[0]
+        bias = attrs.get("bias_term", True)
+        dw = np.zeros_like(w) if need_params[0] else None
+        db = np.zeros_like(params[1]) if bias and need_params[1] else None
+        grads = []
+        for x, dy, need in zip(inputs, grad_outputs, need_inputs):
+            if dy is None:
+                grads.append(np.zeros_like(x) if need else None)
+                continue
+            x3 = x.reshape(geo.num, geo.channels, *geo.spatial)
+            dy3 = dy.reshape(geo.num, geo.num_output, *geo.out_spatial)
+            args = (geo.stride, geo.pad, geo.dilation, geo.group)
+            if self.transposed:
+                dx = conv_forward(dy3, w, None, *args) if need else None
+                if dw is not None:
+                    dw += conv_backward_weight(dy3, x3, geo.kernel, *args)
+            else:
+                dx = conv_backward_data(dy3, w, geo.spatial, *args) if need else None
+                if dw is not None:
+                    dw += conv_backward_weight(x3, dy3, geo.kernel, *args)
+            if db is not None:
+                db += dy3.sum(axis=(0, *range(2, dy3.ndim)), dtype=dy3.dtype)
+            grads.append(None if dx is None else dx.reshape(x.shape))
+        return grads, ([dw, db] if bias else [dw])
 
     def cost(self, attrs, in_types, param_types, out_types):
         geo = self.geometry(attrs, in_types[0])

@@ -41,6 +41,7 @@ def _types(attrs) -> list[TensorType]:
 @register
 class Input(Op):
     type = "Input"
+    differentiable = False
     caffe_param = "input_param"
     num_inputs = 0
     num_outputs = (1, None)
@@ -67,6 +68,7 @@ class Input(Op):
 @register
 class DummyData(Op):
     type = "DummyData"
+    differentiable = False
     caffe_param = "dummy_data_param"
     num_inputs = 0
     num_outputs = (1, None)

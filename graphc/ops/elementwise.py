@@ -107,6 +107,40 @@ class Eltwise(Op):
             top, _ = eltwise_max(inputs)
         return [np.asarray(top, dtype=dt)]
 
+    def backward_uses_outputs(self, attrs):
+        return attrs["operation"] == "PROD" and not attrs.get("stable_prod_grad", True)
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: PROD gives ``dy *`` the product of the other bottoms
+        (``stable_prod_grad``, the default) or ``dy * top / bottom_i``; SUM ``coeff_i * dy``;
+        MAX ``dy`` where bottom i gave the max (the forward's tie rule), else 0."""
+        op, dt = attrs["operation"], inputs[0].dtype
+        dy = grad_outputs[0] if grad_outputs[0] is not None else np.zeros_like(inputs[0])
+        idx = eltwise_max(inputs)[1] if op == "MAX" else None
+        grads = []
+        for i, need in enumerate(need_inputs):
+            if not need:
+                grads.append(None)
+                continue
+            if op == "PROD":
+                if attrs.get("stable_prod_grad", True):
+                    others = [x for j, x in enumerate(inputs) if j != i]
+                    d = others[0].copy()
+                    for x in others[1:]:
+                        d = d * x
+                else:
+                    with np.errstate(all="ignore"):
+                        d = outputs[0] / inputs[i]
+                g = d * dy
+            elif op == "SUM":
+                c = (attrs["coeff"] or [1.0] * len(inputs))[i]
+                g = dy.copy() if c == 1 else dt.type(c) * dy
+            else:
+                g = np.where(idx == i, dy, dt.type(0))
+            grads.append(np.asarray(g, dtype=dt))
+        return grads, []
+
     def cost(self, attrs, in_types, param_types, out_types):
         n, numel = len(in_types), out_types[0].numel
         flops = (n - 1) * numel
@@ -151,6 +185,13 @@ def _apply(x: np.ndarray, factor: np.ndarray, axis: int, fn) -> np.ndarray:
     outer, dim, inner = broadcast_dims("", x.shape, np.shape(factor), axis)
     f = np.asarray(factor, dtype=x.dtype).reshape(1, dim, 1)
     return fn(x.reshape(outer, dim, inner), f).reshape(x.shape)
+
+
+def _reduce_to(t: np.ndarray, factor_shape, axis: int) -> np.ndarray:
+    """Sum ``t`` (bottom 0's shape) over the outer and inner axes of the broadcast: the
+    gradient of a broadcast factor of ``factor_shape``."""
+    outer, dim, inner = broadcast_dims("", t.shape, tuple(factor_shape), axis)
+    return t.reshape(outer, dim, inner).sum(axis=(0, 2), dtype=t.dtype).reshape(factor_shape)
 
 
 def _check_param_shapes(op_type: str, got: list[TensorType], want: list[tuple],
@@ -229,6 +270,28 @@ class Scale(Op):
             y = _apply(y, rest[0], attrs["axis"], np.add)
         return [np.asarray(y, dtype=x.dtype)]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: ``dx = dy * scale``; ``dscale = sum(dy * x)`` and ``dbias = sum(dy)``
+        over the axes the factor is broadcast along."""
+        x, axis = inputs[0], attrs["axis"]
+        dy = grad_outputs[0] if grad_outputs[0] is not None else np.zeros_like(x)
+        two = len(inputs) == 2
+        scale = inputs[1] if two else params[0]
+        need_scale = need_inputs[1] if two else need_params[0]
+        d_scale = _reduce_to(dy * x, np.shape(scale), axis) if need_scale else None
+        dx = np.asarray(_apply(dy, scale, axis, np.multiply), dtype=x.dtype) \
+            if need_inputs[0] else None
+        gp: list = [None] * len(params)
+        if attrs["bias_term"]:
+            k = 0 if two else 1
+            if need_params[k]:
+                gp[k] = _reduce_to(dy, np.shape(params[k]), axis)
+        if two:
+            return [dx, d_scale], gp
+        gp[0] = d_scale
+        return [dx], gp
+
     def cost(self, attrs, in_types, param_types, out_types):
         numel = out_types[0].numel
         return Cost(flops=numel * (2 if attrs["bias_term"] else 1),
@@ -274,6 +337,18 @@ class Bias(Op):
         x = inputs[0]
         bias = inputs[1] if len(inputs) == 2 else params[0]
         return [np.asarray(_apply(x, bias, attrs["axis"], np.add), dtype=x.dtype)]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """``dx = dy``; ``dbias = sum(dy)`` over the broadcast axes."""
+        x = inputs[0]
+        dy = grad_outputs[0] if grad_outputs[0] is not None else np.zeros_like(x)
+        two = len(inputs) == 2
+        bias = inputs[1] if two else params[0]
+        need_bias = need_inputs[1] if two else need_params[0]
+        db = _reduce_to(dy, np.shape(bias), attrs["axis"]) if need_bias else None
+        dx = dy.copy() if need_inputs[0] else None
+        return ([dx, db], []) if two else ([dx], [db])
 
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(flops=out_types[0].numel,

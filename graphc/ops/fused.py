@@ -89,7 +89,8 @@ class Fused(Op):
                 op.check_arity(len(ins), 1)
                 outs = op.infer(step.get("attrs", {}), ins, ps)
             except OpError as e:
-                e.message = f"Fused step {i} ({step['op']} {step.get('name', '')}): {e.message}"
+                label = f"{step['op']} '{step['name']}'" if step.get("name") else step["op"]
+                e.message = f"Fused step {i} ({label}): {e.message}"
                 e.args = (e.message,)
                 raise
             if len(outs) != 1:

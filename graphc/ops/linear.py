@@ -98,6 +98,24 @@ class InnerProduct(Op):
             y += np.asarray(params[1], dtype=np.float32)
         return [y.reshape(x.shape[:axis] + (n,))]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """With X (M, K) and dY (M, N): ``dW = dY^T X`` (``X^T dY`` with transpose),
+        ``db = sum of dY's rows``, ``dX = dY W`` (``dY W^T`` with transpose)."""
+        x = inputs[0]
+        _, m, k, n = self._mk(attrs, x.shape)
+        w = params[0]
+        dy = grad_outputs[0]
+        dy = np.zeros((m, n), dtype=x.dtype) if dy is None else dy.reshape(m, n)
+        x2 = x.reshape(m, k)
+        tr = attrs.get("transpose")
+        dw = (x2.T @ dy if tr else dy.T @ x2) if need_params[0] else None
+        gp = [dw]
+        if attrs.get("bias_term", True):
+            gp.append(dy.sum(axis=0, dtype=dy.dtype) if need_params[1] else None)
+        dx = (dy @ (w.T if tr else w)).reshape(x.shape) if need_inputs[0] else None
+        return [dx], gp
+
     def cost(self, attrs, in_types, param_types, out_types):
         _, m, k, n = self._mk(attrs, in_types[0].shape)
         flops = 2 * m * k * n + (m * n if attrs.get("bias_term", True) else 0)
@@ -160,6 +178,27 @@ class Embed(Op):
         if attrs.get("bias_term", True):
             y = y + np.asarray(params[1], dtype=np.float32)
         return [y.astype(np.float32, copy=False)]
+
+    def grad_inputs(self, attrs, n_inputs):
+        return [False]   # Caffe: "Can't backpropagate to EmbedLayer input"
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """``dW[index] += dy`` for every input element (repeated indices add up);
+        ``db = sum(dy)`` over all elements."""
+        n_out = int(attrs["num_output"])
+        dy = grad_outputs[0]
+        w = params[0]
+        dy = (np.zeros(np.shape(inputs[0]) + (n_out,), dtype=w.dtype) if dy is None
+              else dy).reshape(-1, n_out)
+        gp = [None]
+        if need_params[0]:
+            dw = np.zeros_like(w, dtype=dy.dtype)
+            np.add.at(dw, np.asarray(inputs[0]).astype(np.int64).reshape(-1), dy)
+            gp[0] = dw
+        if attrs.get("bias_term", True):
+            gp.append(dy.sum(axis=0, dtype=dy.dtype) if need_params[1] else None)
+        return [None], gp
 
     def cost(self, attrs, in_types, param_types, out_types):
         flops = out_types[0].numel if attrs.get("bias_term", True) else 0

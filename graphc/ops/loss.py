@@ -86,10 +86,21 @@ def check_labels(lv: np.ndarray, classes: int, what: str) -> None:
                            + (" or equal to ignore_label" if what == "SoftmaxWithLoss" else ""))
 
 
+def top_diff(grad_outputs, dtype) -> "np.floating":
+    """The loss top's gradient (its loss weight, for a loss the net sums): Caffe reads
+    ``top[0]->cpu_diff()[0]``; 0 when no gradient reaches the top."""
+    dy = grad_outputs[0]
+    return dtype.type(0) if dy is None else dtype.type(np.asarray(dy).reshape(-1)[0])
+
+
 class _Loss(Op):
     is_loss = True
     num_inputs = 2
     num_outputs = 1
+
+    def grad_inputs(self, attrs, n_inputs):
+        """Caffe backpropagates to the predictions, never to the labels (bottom 1)."""
+        return [True] + [False] * (n_inputs - 1)
 
     def infer(self, attrs, in_types, param_types):
         check_first_dims(in_types)
@@ -160,6 +171,29 @@ class SoftmaxWithLoss(_Loss):
             outs.append(prob)
         return outs
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: ``dx = prob - onehot(label)`` (0 at ignored positions), times
+        ``top_diff / normalizer``.  The probability top's gradient is not used."""
+        if not need_inputs[0]:
+            return [None, None], []
+        x = np.asarray(inputs[0])
+        dt = x.dtype
+        axis, outer, classes, inner = self._dims(attrs, x.shape, inputs[1].shape)
+        d = softmax(x, axis).astype(dt, copy=False).reshape(outer, classes, inner).copy()
+        labels = labels_as_int(inputs[1]).reshape(outer, inner)
+        ignore = attrs.get("ignore_label")
+        valid = np.ones_like(labels, dtype=bool) if ignore is None else labels != int(ignore)
+        lv = labels[valid]
+        check_labels(lv, classes, "SoftmaxWithLoss")
+        o, i = np.nonzero(valid)
+        d[o, lv, i] -= dt.type(1)
+        io, ii = np.nonzero(~valid)
+        d[io, :, ii] = 0
+        norm = normalizer(attrs.get("normalization", "VALID"), outer, inner, int(lv.size))
+        d *= dt.type(top_diff(grad_outputs, dt) / dt.type(norm))
+        return [d.reshape(x.shape), None], []
+
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(flops=6 * in_types[0].numel,
                     bytes=sum(t.nbytes for t in (*in_types, *out_types)))
@@ -183,6 +217,19 @@ class EuclideanLoss(_Loss):
         b = np.asarray(inputs[1], dtype=np.float32).reshape(a.shape)
         d = (a - b).astype(np.float64)        # Caffe's diff_ is float; the dot accumulates
         return [scalar(np.dot(d.ravel(), d.ravel()) / a.shape[0] / 2.0)]
+
+    def grad_inputs(self, attrs, n_inputs):
+        return [True, True]   # Caffe's EuclideanLoss allows both
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """``d bottom_i = sign_i * top_diff / N * (a - b)``, sign +1 for a, -1 for b."""
+        a = np.asarray(inputs[0])
+        dt = a.dtype
+        diff = a - np.asarray(inputs[1], dtype=dt).reshape(a.shape)
+        alpha = top_diff(grad_outputs, dt) / dt.type(a.shape[0])
+        return [(alpha * diff).reshape(np.shape(inputs[0])) if need_inputs[0] else None,
+                (-alpha * diff).reshape(np.shape(inputs[1])) if need_inputs[1] else None], []
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,6 +267,26 @@ class SigmoidCrossEntropyLoss(_Loss):
                           inputs[0].size // max(outer, 1), int(keep.sum()))
         return [scalar(loss / norm)]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: ``dx = sigmoid(x) - t`` (0 where the target is ignored), times
+        ``top_diff / normalizer``."""
+        if not need_inputs[0]:
+            return [None, None], []
+        x = np.asarray(inputs[0])
+        dt = x.dtype
+        t = np.asarray(inputs[1]).reshape(x.shape)
+        sig = (0.5 * np.tanh(0.5 * x.astype(np.float64)) + 0.5).astype(dt)
+        d = sig - t.astype(dt)
+        ignore = attrs.get("ignore_label")
+        keep = np.ones(x.shape, bool) if ignore is None else labels_as_int(t) != int(ignore)
+        d[~keep] = 0
+        outer = x.shape[0]
+        norm = normalizer(attrs.get("normalization", "BATCH_SIZE"), outer,
+                          x.size // max(outer, 1), int(keep.sum()))
+        d *= dt.type(top_diff(grad_outputs, dt) / dt.type(norm))
+        return [d, None], []
+
 
 # ---------------------------------------------------------------------------------------
 @register
@@ -256,6 +323,29 @@ class HingeLoss(_Loss):
         total = (m * m).sum() if attrs.get("norm", "L1") == "L2" else m.sum()
         return [scalar(total / n)]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: with ``m = max(0, 1 + s)`` (true class negated) and that entry's sign
+        flipped back, L1: ``sign(m) * top_diff / N``; L2: ``2 m * top_diff / N``."""
+        if not need_inputs[0]:
+            return [None, None], []
+        x = np.asarray(inputs[0])
+        dt = x.dtype
+        n = x.shape[0]
+        s = x.reshape(n, -1).copy()
+        labels = labels_as_int(inputs[1]).reshape(n)
+        check_labels(labels, s.shape[1], "HingeLoss")
+        rows = np.arange(n)
+        s[rows, labels] *= dt.type(-1)
+        m = np.maximum(dt.type(0), dt.type(1) + s)
+        m[rows, labels] *= dt.type(-1)
+        w = top_diff(grad_outputs, dt)
+        if attrs.get("norm", "L1") == "L2":
+            d = m * dt.type(w * dt.type(2) / dt.type(n))
+        else:
+            d = np.sign(m) * dt.type(w / dt.type(n))
+        return [d.reshape(x.shape), None], []
+
 
 # ---------------------------------------------------------------------------------------
 @register
@@ -266,6 +356,9 @@ class ContrastiveLoss(_Loss):
     type = "ContrastiveLoss"
     caffe_param = "contrastive_loss_param"
     num_inputs = 3
+
+    def grad_inputs(self, attrs, n_inputs):
+        return [True, True, False]
 
     def from_caffe(self, layer, phase):
         p = layer.contrastive_loss_param
@@ -302,6 +395,36 @@ class ContrastiveLoss(_Loss):
         loss = np.where(similar, d2, dissim).sum()
         return [scalar(loss / n / 2.0)]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe, with ``alpha = sign * top_diff / N`` (sign +1 for a, -1 for b) and
+        ``diff = a - b``: similar pairs ``alpha * diff``; dissimilar pairs with
+        ``mdist = margin - d > 0`` get ``-alpha * mdist / (d + 1e-4) * diff`` (legacy:
+        ``mdist = margin - d^2``, ``-alpha * diff``), others 0.  (The 1e-4 is Caffe's.)"""
+        a = np.asarray(inputs[0])
+        dt = a.dtype
+        n = a.shape[0]
+        diff = (a - np.asarray(inputs[1], dtype=dt).reshape(a.shape)).reshape(n, -1)
+        d2 = (diff.astype(np.float64) ** 2).sum(axis=1).astype(dt)
+        similar = labels_as_int(inputs[2]).reshape(n) != 0
+        margin = dt.type(attrs.get("margin", 1.0))
+        if attrs.get("legacy_version", False):
+            mdist = margin - d2
+            factor = np.where(mdist > 0, dt.type(-1), dt.type(0))
+        else:
+            dist = np.sqrt(d2)
+            mdist = margin - dist
+            factor = np.where(mdist > 0, -mdist / (dist + dt.type(1e-4)), dt.type(0))
+        factor = np.where(similar, dt.type(1), factor).astype(dt)[:, None]
+        grads = []
+        for i, sign in ((0, 1), (1, -1)):
+            if not need_inputs[i]:
+                grads.append(None)
+                continue
+            alpha = dt.type(sign) * top_diff(grad_outputs, dt) / dt.type(n)
+            grads.append((alpha * factor * diff).astype(dt).reshape(np.shape(inputs[i])))
+        return grads + [None], []
+
 
 # ---------------------------------------------------------------------------------------
 @register
@@ -324,3 +447,20 @@ class MultinomialLogisticLoss(_Loss):
         check_labels(labels, p.shape[1], "MultinomialLogisticLoss")
         picked = np.maximum(p[np.arange(n), labels], np.float32(LOG_THRESHOLD))
         return [scalar(-np.log(picked.astype(np.float64)).sum() / n)]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: ``-top_diff / N / max(p[label], 1e-20)`` at the true class, 0 elsewhere."""
+        if not need_inputs[0]:
+            return [None, None], []
+        x = np.asarray(inputs[0])
+        dt = x.dtype
+        n = x.shape[0]
+        p = x.reshape(n, -1)
+        labels = labels_as_int(inputs[1]).reshape(n)
+        check_labels(labels, p.shape[1], "MultinomialLogisticLoss")
+        rows = np.arange(n)
+        scale = -top_diff(grad_outputs, dt) / dt.type(n)
+        d = np.zeros_like(p)
+        d[rows, labels] = scale / np.maximum(p[rows, labels], dt.type(LOG_THRESHOLD))
+        return [d.reshape(x.shape), None], []

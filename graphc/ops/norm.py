@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import OpError
 from .base import Cost, Op, ParamSpec, register
-from .pool import ave_pool
+from .pool import ave_pool, ave_pool_backward
 
 
 def _enum_name(msg, field: str) -> str:
@@ -83,6 +83,51 @@ class LRN(Op):
             avg = ave_pool(sq, [n, n], [1, 1], [pre, pre], hw)
             scale = np.float32(1.0) + alpha * avg
         return [(x * np.power(scale, -beta)).astype(np.float32, copy=False)]
+
+    @staticmethod
+    def _channel_window_sum(t: np.ndarray, n: int) -> np.ndarray:
+        """Sum over channels [c - pre, c + pre] (zero outside the blob)."""
+        pre, c = (n - 1) // 2, t.shape[1]
+        padded = np.pad(t, [(0, 0), (pre, pre), (0, 0), (0, 0)])
+        acc = np.zeros_like(t)
+        for i in range(n):
+            acc += padded[:, i:i + c]
+        return acc
+
+    def backward_uses_outputs(self, attrs):
+        return attrs.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS"
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """ACROSS_CHANNELS (Caffe's CrossChannelBackward): ``dx = dy * scale^-beta -
+        (2 alpha beta / n) * x * sum over the channel window of (dy * y / scale)``.
+        WITHIN_CHANNEL: the chain rule through Caffe's square -> AVE pool -> power ->
+        product layers: ``dx = dy * s^-beta + 2 x * avepool_backward(-alpha beta * dy * x *
+        s^-beta / s)``, ``s = 1 + alpha * avepool(x^2)``."""
+        x, dy = inputs[0], grad_outputs[0]
+        if not need_inputs[0]:
+            return [None], []
+        if dy is None:
+            return [np.zeros_like(x)], []
+        dt = x.dtype
+        n = int(attrs["local_size"])
+        pre = (n - 1) // 2
+        alpha, beta = dt.type(attrs["alpha"]), dt.type(attrs["beta"])
+        sq = x * x
+        if attrs.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS":
+            scale = dt.type(attrs["k"]) + (alpha / dt.type(n)) * self._channel_window_sum(sq, n)
+            y = outputs[0]
+            ratio = self._channel_window_sum(dy * y / scale, n)
+            cache = dt.type(2.0 * float(alpha) * float(beta) / n)
+            dx = dy * np.power(scale, -beta) - cache * x * ratio
+        else:
+            hw = list(x.shape[2:])
+            s = dt.type(1.0) + alpha * ave_pool(sq, [n, n], [1, 1], [pre, pre], hw).astype(dt)
+            s_pow = np.power(s, -beta)
+            d_avg = dy * x * (-beta * alpha) * s_pow / s
+            d_sq = ave_pool_backward(sq, d_avg, [n, n], [1, 1], [pre, pre], hw)
+            dx = dy * s_pow + dt.type(2) * x * d_sq
+        return [dx.astype(dt, copy=False)], []
 
     def cost(self, attrs, in_types, param_types, out_types):
         n = int(attrs["local_size"])
@@ -162,6 +207,42 @@ class BatchNorm(Op):
         y = (x3 - mean[None, :, None]) / np.sqrt(var + eps)[None, :, None]
         return [y.reshape(x.shape).astype(np.float32, copy=False)]
 
+    def backward_uses_outputs(self, attrs):
+        return not attrs.get("use_global_stats", True)
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: with global statistics ``dx = dy / sqrt(var + eps)``; with batch
+        statistics ``dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps)``, the means
+        per channel over batch and space (y: the top).  The statistics blobs get no
+        gradient (lr_mult 0)."""
+        x, dy = inputs[0], grad_outputs[0]
+        none = [None] * len(params)
+        if not need_inputs[0]:
+            return [None], none
+        if dy is None:
+            return [np.zeros_like(x)], none
+        dt = x.dtype
+        c = _bn_channels(x.shape)
+        x3 = x.reshape(x.shape[0], c, -1)
+        dy3 = dy.reshape(x3.shape)
+        eps = dt.type(attrs.get("eps", 1e-5))
+        if attrs.get("use_global_stats", True):
+            s = dt.type(params[2].reshape(-1)[0])
+            factor = dt.type(0.0) if s == 0 else dt.type(1.0) / s
+            var = factor * params[1].astype(dt)
+            dx = dy3 / np.sqrt(var + eps)[None, :, None]
+            return [dx.reshape(x.shape).astype(dt, copy=False)], none
+        mean = x3.mean(axis=(0, 2), dtype=np.float64).astype(dt)
+        var = np.square(x3 - mean[None, :, None], dtype=np.float64).mean(axis=(0, 2)).astype(dt)
+        y3 = outputs[0].reshape(x3.shape)
+        m = dt.type(x3.shape[0] * x3.shape[2])
+        mean_dy = dy3.sum(axis=(0, 2), dtype=dt) / m
+        mean_dyy = (dy3 * y3).sum(axis=(0, 2), dtype=dt) / m
+        dx = (dy3 - mean_dy[None, :, None] - mean_dyy[None, :, None] * y3) \
+            / np.sqrt(var + eps)[None, :, None]
+        return [dx.reshape(x.shape).astype(dt, copy=False)], none
+
     def cost(self, attrs, in_types, param_types, out_types):
         per = 2 if attrs.get("use_global_stats", True) else 6
         return Cost(flops=in_types[0].numel * per,
@@ -201,6 +282,34 @@ class MVN(Op):
             var = np.square(y, dtype=np.float64).mean(axis=1).astype(np.float32)
             y = y / (np.sqrt(var) + np.float32(attrs.get("eps", 1e-9)))[:, None]
         return [y.reshape(x.shape).astype(np.float32, copy=False)]
+
+    def backward_uses_outputs(self, attrs):
+        return attrs.get("normalize_variance", True)
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe, per normalized slice of ``dim`` values: ``dx = dy - mean(dy)``; with
+        ``normalize_variance`` ``dx = (dy - mean(dy) - y * mean(y * dy)) / (std + eps)``
+        (y: the top; exact only up to Caffe's eps on the standard deviation)."""
+        x, dy = inputs[0], grad_outputs[0]
+        if not need_inputs[0]:
+            return [None], []
+        if dy is None:
+            return [np.zeros_like(x)], []
+        dt = x.dtype
+        rows = x.reshape(self._rows(attrs, x.shape), -1)
+        d = dy.reshape(rows.shape)
+        dim = dt.type(rows.shape[1])
+        if not attrs.get("normalize_variance", True):
+            dx = d - (d.sum(axis=1, dtype=dt) / dim)[:, None]
+            return [dx.reshape(x.shape).astype(dt, copy=False)], []
+        y = outputs[0].reshape(rows.shape)
+        centered = rows - rows.mean(axis=1, dtype=np.float64).astype(dt)[:, None]
+        var = np.square(centered, dtype=np.float64).mean(axis=1).astype(dt)
+        std = np.sqrt(var) + dt.type(attrs.get("eps", 1e-9))
+        inner = y * (d * y).sum(axis=1, dtype=dt)[:, None] + d.sum(axis=1, dtype=dt)[:, None]
+        dx = (d - inner / dim) / std[:, None]
+        return [dx.reshape(x.shape).astype(dt, copy=False)], []
 
     def cost(self, attrs, in_types, param_types, out_types):
         per = 6 if attrs.get("normalize_variance", True) else 2

@@ -113,7 +113,8 @@ def ave_pool(x, kernel, stride, pad, out):
         return acc / div
 
 
-def stochastic_pool(x, kernel, stride, out, train: bool, rng: np.random.Generator):
+def stochastic_pool(x, kernel, stride, out, train: bool, rng: np.random.Generator,
+                    record: dict | None = None):
     xp = _pad_for(x, kernel, stride, [0, 0], out, 0.0)
     if not train:
         s = np.full(x.shape[:2] + tuple(out), FLT_MIN, dtype=np.float32)
@@ -132,13 +133,52 @@ def stochastic_pool(x, kernel, stride, out, train: bool, rng: np.random.Generato
     csum = np.zeros_like(total)
     val = np.zeros_like(total)
     done = np.zeros(total.shape, dtype=bool)
-    for (_, _, v), (_, _, ok) in zip(_taps(xp, kernel, stride, out),
-                                     _taps(valid, kernel, stride, out)):
+    choice = np.full(total.shape, -1, dtype=np.int64)    # the tap drawn (for backward)
+    for k, ((_, _, v), (_, _, ok)) in enumerate(zip(_taps(xp, kernel, stride, out),
+                                                     _taps(valid, kernel, stride, out))):
         csum += v
         hit = ok & ~done & (csum >= thres)
         val = np.where(hit, v, val)
+        choice[hit] = k
         done |= hit
+    if record is not None:
+        record["stochastic_tap"] = choice
     return val
+
+
+def max_pool_backward(x, dy, kernel, stride, pad, out):
+    """MAX: each top gradient goes to the input position of its window's first maximum
+    (the forward's argmax), ``+=`` where windows overlap; windows without one give none."""
+    _, idx = max_pool(x, kernel, stride, pad, out)
+    n, c, h, w = x.shape
+    idx = idx.astype(np.int64).reshape(n * c, -1)
+    dx = np.zeros((n * c, h * w), dtype=dy.dtype)
+    rows = np.broadcast_to(np.arange(n * c)[:, None], idx.shape)
+    ok = idx >= 0
+    np.add.at(dx, (rows[ok], idx[ok]), dy.reshape(n * c, -1)[ok])
+    return dx.reshape(x.shape)
+
+
+def ave_pool_backward(x, dy, kernel, stride, pad, out):
+    """AVE: each top gradient divided by its window's divisor, added to every input
+    position of the window (clipped to the image)."""
+    dxp = _pad_for(np.zeros_like(dy, shape=x.shape), kernel, stride, pad, out, 0.0)
+    div = ave_pool_divisor(x.shape[2:], kernel, stride, pad, out).astype(dy.dtype)
+    share = dy / div
+    for _, _, v in _taps(dxp, kernel, stride, out):
+        v += share
+    h, w = x.shape[2:]
+    return np.ascontiguousarray(dxp[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w])
+
+
+def stochastic_pool_backward(x, dy, kernel, stride, out, choice):
+    """STOCHASTIC at train (Caffe's GPU code): the gradient goes to the drawn position."""
+    dxp = _pad_for(np.zeros_like(dy, shape=x.shape), kernel, stride, [0, 0], out, 0.0)
+    zero = dy.dtype.type(0)
+    for k, (_, _, v) in enumerate(_taps(dxp, kernel, stride, out)):
+        v += np.where(choice == k, dy, zero)
+    h, w = x.shape[2:]
+    return np.ascontiguousarray(dxp[:, :, :h, :w])
 
 
 @register
@@ -232,8 +272,32 @@ class Pooling(Op):
         if method == "AVE":
             return [ave_pool(x, kernel, stride, pad, out)]
         if method == "STOCHASTIC":
-            return [stochastic_pool(x, kernel, stride, out, bool(attrs.get("train")), ctx.rng)]
+            train = bool(attrs.get("train"))
+            return [stochastic_pool(x, kernel, stride, out, train, ctx.rng,
+                                    ctx.state if train else None)]
         raise OpError(f"unknown pooling method {method!r}")
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe's Backward_cpu (the mask top, if any, gets no gradient): MAX routes to
+        the argmax, AVE spreads ``dy / divisor`` over the window, STOCHASTIC (train only)
+        routes to the position the forward drew."""
+        x, dy = inputs[0], grad_outputs[0]
+        if not need_inputs[0]:
+            return [None], []
+        if dy is None:
+            return [np.zeros_like(x)], []
+        kernel, stride, pad, out = pool_geometry(attrs, x.shape)
+        method = attrs["pool"]
+        if method == "MAX":
+            return [max_pool_backward(x, dy, kernel, stride, pad, out)], []
+        if method == "AVE":
+            return [ave_pool_backward(x, dy, kernel, stride, pad, out)], []
+        choice = ctx.state.get("stochastic_tap") if attrs.get("train") else None
+        if choice is None:
+            raise OpError("STOCHASTIC pooling has a gradient only in training, after its "
+                          "forward pass", hint="use MAX or AVE pooling, or train phase")
+        return [stochastic_pool_backward(x, dy, kernel, stride, out, choice)], []
 
     def cost(self, attrs, in_types, param_types, out_types):
         kernel, _, _, _ = pool_geometry(attrs, in_types[0].shape)

@@ -20,6 +20,10 @@ blobs keep their memory between calls.  Shape inference runs setup+reshape on a
 throwaway instance with zero-filled bottoms.  The class need not subclass PythonLayer
 (duck typing), so layers written against ``caffe.Layer`` work once that import is changed.
 
+Backward (training) calls the instance's ``backward(top, propagate_down, bottom)``: the
+tops hold the forward's data and the gradients in ``diff``; the layer writes
+``bottom[i].diff``.
+
 Limitation: learnable blobs of a Python layer (``self.blobs``) live on the instance only;
 they are not graph parameters, so they are neither loaded from a .caffemodel, nor
 trained, nor saved.
@@ -282,6 +286,34 @@ class Python(Op):
         self._top_types(attrs, tops)
         _call(attrs, layer, "forward", bottoms, tops)
         return [np.array(t.data, dtype=np.float32, copy=True) for t in tops]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """The layer's ``backward(top, propagate_down, bottom)`` on the instance of the
+        forward call: the tops keep their forward data and get the gradients as ``diff``
+        (zeros where none reaches a top); the bottoms hold the forward inputs, with zero
+        ``diff`` the layer fills in."""
+        st = ctx.state
+        if "layer" not in st:
+            raise OpError(f"Python layer {_describe(attrs)}: backward before forward",
+                          hint="run forward before backward")
+        layer, tops = st["layer"], st["tops"]
+        for t, dy in zip(tops, grad_outputs):
+            t.diff[...] = 0 if dy is None else np.asarray(dy).reshape(t.shape)
+        bottoms = [Blob(data=x) for x in inputs]
+        _call(attrs, layer, "backward", tops, list(need_inputs), bottoms)
+        grads = []
+        for i, (b, need) in enumerate(zip(bottoms, need_inputs)):
+            if not need:
+                grads.append(None)
+                continue
+            if b.diff.shape != np.shape(inputs[i]):
+                raise OpError(f"Python layer {_describe(attrs)}: backward() reshaped bottom "
+                              f"{i} to {list(b.diff.shape)} (it is {list(np.shape(inputs[i]))})",
+                              hint="write the gradient into bottom[i].diff[...] without "
+                                   "reshaping the bottom")
+            grads.append(np.array(b.diff, copy=True))
+        return grads, []
 
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(flops=sum(t.numel for t in out_types),

@@ -38,6 +38,21 @@ class Softmax(Op):
         axis = canonical_axis(int(attrs.get("axis", 1)), inputs[0].ndim, "softmax axis")
         return [softmax(inputs[0], axis)]
 
+    def backward_uses_outputs(self, attrs):
+        return True
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe: ``dx = (dy - sum(dy * y along axis)) * y``."""
+        if not need_inputs[0]:
+            return [None], []
+        y, dy = outputs[0], grad_outputs[0]
+        if dy is None:
+            return [np.zeros_like(inputs[0])], []
+        axis = canonical_axis(int(attrs.get("axis", 1)), y.ndim, "softmax axis")
+        dot = (dy * y).sum(axis=axis, keepdims=True, dtype=y.dtype)
+        return [((dy - dot) * y).astype(y.dtype, copy=False)], []
+
     def cost(self, attrs, in_types, param_types, out_types):
         # max, subtract, exp, sum, divide: about 5 per element
         n = in_types[0].numel
@@ -57,6 +72,7 @@ class ArgMax(Op):
     values the larger index comes first."""
     type = "ArgMax"
     caffe_param = "argmax_param"
+    differentiable = False
 
     def from_caffe(self, layer, phase):
         p = layer.argmax_param
@@ -145,6 +161,7 @@ class Accuracy(Op):
     a class that never occurs has per-class accuracy 0."""
     type = "Accuracy"
     caffe_param = "accuracy_param"
+    differentiable = False
     num_inputs = 2
     num_outputs = (1, 2)
 
@@ -257,6 +274,31 @@ class Reduction(Op):
             coeff = np.float32(coeff / np.float32(dim))   # Caffe: coeff_ /= dim in float
         r = (v.sum(axis=1) * np.float64(coeff)).astype(np.float32)
         return [r.reshape(x.shape[:axis])]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe, with ``c = coeff * dy[i]`` for reduced row i: SUM ``c``; ASUM
+        ``c * sign(x)``; SUMSQ ``2 c x``; MEAN ``c / dim``."""
+        x, dy = inputs[0], grad_outputs[0]
+        if not need_inputs[0]:
+            return [None], []
+        if dy is None:
+            return [np.zeros_like(x)], []
+        axis = self._axis(attrs, x.ndim)
+        num = math.prod(x.shape[:axis])
+        op = attrs.get("operation", "SUM")
+        coeff = x.dtype.type(attrs.get("coeff", 1.0))
+        rows = x.reshape(num, -1)
+        if op == "MEAN":
+            coeff = x.dtype.type(coeff / x.dtype.type(rows.shape[1]))
+        c = (dy.reshape(num, 1) * coeff).astype(x.dtype)
+        if op == "ASUM":
+            dx = np.sign(rows) * c
+        elif op == "SUMSQ":
+            dx = (x.dtype.type(2) * c) * rows
+        else:
+            dx = np.broadcast_to(c, rows.shape)
+        return [np.array(dx, dtype=x.dtype).reshape(x.shape)], []
 
     def cost(self, attrs, in_types, param_types, out_types):
         n = in_types[0].numel

@@ -22,6 +22,15 @@ def _move_cost(in_types, out_types) -> Cost:
     return Cost(flops=0, bytes=sum(t.nbytes for t in (*in_types, *out_types)))
 
 
+def _grad_or_zeros(dy, shape, dtype) -> np.ndarray:
+    """A top's gradient, or zeros when none reaches it (Caffe's untouched diff)."""
+    return dy if dy is not None else np.zeros(shape, dtype)
+
+
+def _move_grad_cost(self, attrs, in_types, param_types, out_types, need_inputs, need_params):
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 @register
 class Concat(Op):
@@ -63,6 +72,18 @@ class Concat(Op):
     def forward(self, attrs, inputs, params, ctx):
         axis = canonical_axis(attrs["axis"], inputs[0].ndim)
         return [np.concatenate(inputs, axis=axis).astype(np.float32, copy=False)]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Each bottom gets its slab of the top's gradient."""
+        axis = canonical_axis(attrs["axis"], inputs[0].ndim)
+        cuts = np.cumsum([x.shape[axis] for x in inputs])[:-1]
+        dy = grad_outputs[0]
+        parts = np.split(dy, cuts, axis=axis) if dy is not None else [None] * len(inputs)
+        return [(np.ascontiguousarray(p) if p is not None else np.zeros_like(x)) if need
+                else None for p, x, need in zip(parts, inputs, need_inputs)], []
+
+    grad_cost = _move_grad_cost
 
     def cost(self, attrs, in_types, param_types, out_types):
         return _move_cost(in_types, out_types)
@@ -138,6 +159,22 @@ class Slice(Op):
         return [np.ascontiguousarray(p, dtype=np.float32)
                 for p in np.split(x, cuts, axis=axis)]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """The tops' gradients put back side by side (zeros for a top without one)."""
+        x = inputs[0]
+        if not need_inputs[0]:
+            return [None], []
+        axis, sizes = self.sizes(attrs, x.shape)
+        parts = []
+        for dy, size in zip(grad_outputs, sizes):
+            shape = list(x.shape)
+            shape[axis] = size
+            parts.append(_grad_or_zeros(dy, shape, x.dtype))
+        return [np.concatenate(parts, axis=axis)], []
+
+    grad_cost = _move_grad_cost
+
     def cost(self, attrs, in_types, param_types, out_types):
         return _move_cost(in_types, out_types)
 
@@ -160,6 +197,20 @@ class Split(Op):
     def forward(self, attrs, inputs, params, ctx):
         return [np.array(inputs[0], dtype=np.float32, copy=True)
                 for _ in range(int(attrs["num_top"]))]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """Caffe sums the tops' gradients in top order."""
+        if not need_inputs[0]:
+            return [None], []
+        acc = np.zeros_like(inputs[0])
+        for dy in grad_outputs:
+            if dy is not None:
+                acc += dy
+        return [acc], []
+
+    def grad_cost(self, attrs, in_types, param_types, out_types, need_inputs, need_params):
+        return (len(out_types) - 1) * in_types[0].numel
 
     def cost(self, attrs, in_types, param_types, out_types):
         return _move_cost(in_types, out_types)
@@ -194,6 +245,14 @@ class Flatten(Op):
     def forward(self, attrs, inputs, params, ctx):
         x = inputs[0]
         return [np.array(x, dtype=np.float32).reshape(self.out_shape(attrs, x.shape))]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        x, dy = inputs[0], grad_outputs[0]
+        return [_grad_or_zeros(dy, x.shape, x.dtype).reshape(x.shape).copy()
+                if need_inputs[0] else None], []
+
+    grad_cost = _move_grad_cost
 
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(0, 0)
@@ -282,6 +341,14 @@ class Reshape(Op):
         x = inputs[0]
         return [np.array(x, dtype=np.float32).reshape(self.out_shape(attrs, x.shape))]
 
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        x, dy = inputs[0], grad_outputs[0]
+        return [_grad_or_zeros(dy, x.shape, x.dtype).reshape(x.shape).copy()
+                if need_inputs[0] else None], []
+
+    grad_cost = _move_grad_cost
+
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(0, 0)
 
@@ -335,6 +402,21 @@ class Crop(Op):
         idx = tuple(slice(o, o + s) for o, s in zip(off, shape))
         return [np.array(x[idx], dtype=np.float32)]
 
+    def grad_inputs(self, attrs, n_inputs):
+        return [True, False]   # bottom 1 only gives a shape
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """The top's gradient at the crop window of bottom 0, zeros elsewhere."""
+        x, dy = inputs[0], grad_outputs[0]
+        dx = np.zeros_like(x)
+        if need_inputs[0] and dy is not None:
+            off, shape = self.plan(attrs, x.shape, inputs[1].shape)
+            dx[tuple(slice(o, o + s) for o, s in zip(off, shape))] = dy
+        return [dx if need_inputs[0] else None, None], []
+
+    grad_cost = _move_grad_cost
+
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(0, 2 * sum(t.nbytes for t in out_types))
 
@@ -346,6 +428,7 @@ class Silence(Op):
     type = "Silence"
     num_inputs = (1, None)
     num_outputs = 0
+    differentiable = False   # no tops, so nothing of the loss flows through it
 
     def infer(self, attrs, in_types, param_types):
         return []
@@ -390,6 +473,21 @@ class Tile(Op):
         reps = [1] * x.ndim
         reps[axis] = tiles
         return [np.tile(x, reps).astype(np.float32, copy=False)]
+
+    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
+                 need_params, ctx):
+        """The sum of the top's gradient over the copies."""
+        x, dy = inputs[0], grad_outputs[0]
+        if not need_inputs[0]:
+            return [None], []
+        if dy is None:
+            return [np.zeros_like(x)], []
+        axis, tiles = self._check(attrs, x.ndim)
+        outer = x.shape[:axis]
+        blocks = dy.reshape(*outer, tiles, *x.shape[axis:])
+        return [blocks.sum(axis=axis, dtype=x.dtype)], []
+
+    grad_cost = _move_grad_cost
 
     def cost(self, attrs, in_types, param_types, out_types):
         return _move_cost(in_types, out_types)

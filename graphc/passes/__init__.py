@@ -13,6 +13,10 @@ PASSES: dict[str, Callable[[Graph], Graph]] = {}
 #: the inference pipeline, in order
 DEFAULT_PIPELINE: list[str] = []
 
+#: the training pipeline (``--phase train``): no inference-only rewrites (they fold away
+#: Dropout, BatchNorm statistics updates and Split nodes a backward graph needs)
+TRAIN_PIPELINE: list[str] = []
+
 
 def register_pass(name: str):
     def deco(fn):
@@ -53,3 +57,6 @@ def run_pipeline(g: Graph, names: list[str] | None = None, *, after: str | None 
 from . import dead_code, fold_bn, fuse, concat, inplace  # noqa: E402,F401
 
 DEFAULT_PIPELINE[:] = ["dead-code", "fold-batchnorm", "fuse", "concat-slices", "inplace"]
+
+from . import autodiff  # noqa: E402,F401
+TRAIN_PIPELINE[:] = ["autodiff"]

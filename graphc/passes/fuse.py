@@ -42,6 +42,8 @@ def _unary(g: Graph, n: Node) -> bool:
 
 def _can_join(g: Graph, chain: list[Node], n: Node, value: str, index: dict) -> bool:
     first = chain[0]
+    if n.attrs.get("loss_weight"):
+        return False
     if first.op == "LRN":
         return (len(chain) == 1 and n.op == "Pooling" and len(n.outputs) == 1
                 and not n.attrs.get("train", False))
@@ -57,6 +59,8 @@ def _can_join(g: Graph, chain: list[Node], n: Node, value: str, index: dict) -> 
 
 
 def _anchor(g: Graph, n: Node) -> bool:
+    if n.attrs.get("loss_weight"):
+        return False
     if n.op in ANCHORS:
         return len(n.inputs) == 1 and len(n.outputs) == 1
     if n.op == "Eltwise":

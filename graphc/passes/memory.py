@@ -1,7 +1,7 @@
 """Memory planning: every activation in one arena, at offsets chosen before running.
 
 * Schedule: the node order.  Node i runs at time i; graph inputs exist from time -1,
-  graph outputs until time ``len(nodes)``.
+  graph outputs until time ``len(nodes)``.  Inputs and outputs live in the arena too.
 * Buffers: values that share memory (views, ``inplace``, ``by_slices`` Concat bottoms;
   passes/alias.py) form one buffer owned by their root value; its lifetime runs from the
   first definition to the last read of any member.  Two buffers conflict when their
@@ -11,7 +11,8 @@
   orders are tried and the smallest arena is kept.  Sizes are rounded up to 64 bytes.
 * Report: ``naive_bytes`` -- what Caffe allocates: every blob separately (a blob written
   in place counted once; Reshape/Flatten/Split tops share their bottom's data as in
-  Caffe), plus the diffs for the train phase; ``lower_bound_bytes`` -- the largest total
+  Caffe, also those of the Splits Caffe inserts), plus for the train phase the diffs
+  (every Split top has its own); ``lower_bound_bytes`` -- the largest total
   of bytes live at one time in this schedule; ``planned_bytes`` -- the arena size;
   ``param_bytes``.
 
@@ -58,6 +59,7 @@ class MemoryPlan:
 
 
 def buffers(g: Graph) -> list[Buffer]:
+    """One buffer per root value (passes/alias.py), with the lifetime of all its members."""
     parents = alias_parents(g)
     born, last = def_times(g), last_use_times(g)
     by_root: dict[str, Buffer] = {}
@@ -74,6 +76,8 @@ def buffers(g: Graph) -> list[Buffer]:
 
 
 def _place(bufs: list[Buffer]) -> tuple[dict[str, int], int]:
+    """Best fit in the given order: the smallest free gap between the buffers placed so
+    far that are live at the same time, else above them all.  -> (offsets, arena size)"""
     placed: list[tuple[int, Buffer]] = []
     offsets: dict[str, int] = {}
     top = 0
@@ -143,8 +147,10 @@ def check_plan(g: Graph, plan: MemoryPlan) -> None:
 
 def naive_bytes(g: Graph, phase: str = "test") -> int:
     """What Caffe allocates for blobs: one buffer per blob name (in-place layers write the
-    same blob), none for the tops of Reshape/Flatten/Split (they share the bottom's data);
-    doubled for the diffs in the train phase (Split tops get their own diff there)."""
+    same blob); none for the tops of Reshape/Flatten/Split, which share their bottom's
+    data -- this includes the Split layers Caffe inserts for a blob read by several
+    layers.  For the train phase add the diffs: one per blob, shared the same way except
+    that every Split top (written or inserted by Caffe) has its own."""
     shared = {o for n in g.nodes if n.op in VIEW_OPS for o in n.outputs}
     split_tops = {o for n in g.nodes if n.op == "Split" for o in n.outputs}
     sizes: dict[str, int] = {}
@@ -155,7 +161,12 @@ def naive_bytes(g: Graph, phase: str = "test") -> int:
     data = sum(sizes.values())
     if phase != "train":
         return data
-    return 2 * data + sum(g.types[v].nbytes for v in split_tops)
+    reads: dict[str, int] = {}
+    for n in g.nodes:
+        for v in n.inputs:
+            reads[v] = reads.get(v, 0) + 1
+    inserted = sum(k * g.types[v].nbytes for v, k in reads.items() if k > 1)
+    return 2 * data + sum(g.types[v].nbytes for v in split_tops) + inserted
 
 
 def memory_report(g: Graph, pipeline: list[str] | None = None, phase: str | None = None) -> dict:

@@ -75,6 +75,7 @@ class GemmConfig:
     nc: int
     unroll: int = 4
     prefetch_c: int = 2  # 0: none, 1: whole C tile before the k loop, 2: a row per trip
+    prefetch_locality: int = 3
 
     @property
     def nr(self) -> int:
@@ -271,6 +272,7 @@ def _new_function(mod, name, args, ret=VOID, linkage=None):
 # the generator
 
 
+PACKA_MODE = 'insert'
 FLAG_LOAD_C = 1  # add the tile to the existing C (accumulate, or K blocks after the first)
 FLAG_EPILOGUE = 2  # last K block: apply the epilogue
 
@@ -345,7 +347,7 @@ class GemmGenerator:
             ro = b.mul(_min(b, t, i64(MR - 1)), a["ldc"])
             for off in (0, NR - 1):
                 b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
-                                  ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+                                  ir.Constant(I32, 1), ir.Constant(I32, c.prefetch_locality), ir.Constant(I32, 1)])
         for u in range(c.unroll):
             ku = b.add(k, i64(u)) if u else k
             bo = b.mul(ku, i64(NR))
@@ -435,10 +437,20 @@ class GemmGenerator:
             src = _addr(b, F32, a["a"], b.mul(p0, a["lda"]))
             with b.if_else(b.icmp_signed("==", rows, i64(MR)), likely=True) as (then, otherwise):
                 with then:
+                    rowp = [_addr(b, F32, src, b.mul(i64(r), a["lda"])) for r in range(MR)]
+                    mt = ir.VectorType(F32, MR)
                     with _for(b, 0, a["kc"], name="k") as k:
-                        for r in range(MR):
-                            x = _load(b, F32, src, b.add(b.mul(i64(r), a["lda"]), k))
-                            _store(b, x, dst, b.add(b.mul(k, i64(MR)), i64(r)))
+                        if PACKA_MODE == "insert":
+                            x = ir.Constant(mt, ir.Undefined)
+                            for r in range(MR):
+                                x = b.insert_element(x, _load(b, F32, rowp[r], k), ir.Constant(I32, r))
+                            _store(b, x, dst, b.mul(k, i64(MR)), align=4)
+                        else:
+                            for r in range(MR):
+                                ld = _load(b, F32, rowp[r], k)
+                                if PACKA_MODE == "volatile":
+                                    ld.volatile = True  # placeholder
+                                _store(b, ld, dst, b.add(b.mul(k, i64(MR)), i64(r)))
                 with otherwise:
                     with _for(b, 0, a["kc"], name="k") as k:
                         with _for(b, 0, i64(MR), name="r") as r:
@@ -454,35 +466,33 @@ class GemmGenerator:
     def emit_pack_b(self, mod):
         """Bp[q][k][j] = B[k][q*NR + j] for panels q of NR columns; zeros past nc and kc."""
         c, vt = self.cfg, self.vt
-        NR, VW = c.nr, c.vw
+        NR, VW, NV = c.nr, c.vw, c.nv
         args = [("kc", I64), ("kcp", I64), ("nc", I64), ("b", PTR), ("ldb", I64), ("bp", PTR)]
         fn, b, a = _new_function(mod, f"{self.name}_pack_b", args, linkage="internal")
-        zero = ir.Constant(F32, 0.0)
-        nfull = b.mul(b.sdiv(a["nc"], i64(NR)), i64(NR))
-        panel = b.mul(a["kcp"], i64(NR))
-        with _for(b, 0, a["kc"], name="k") as k:  # full panels: row k of B is read once, in order
-            src = _addr(b, F32, a["b"], b.mul(k, a["ldb"]))
-            with _for(b, 0, nfull, NR, name="q") as q:
-                dst = _addr(b, F32, a["bp"], b.add(b.mul(q, a["kcp"]), b.mul(k, i64(NR))))
-                for v in range(c.nv):
-                    _store(b, _load(b, vt, src, b.add(q, i64(v * VW)), align=4), dst, v * VW,
-                           align=4 * VW)
-        with b.if_then(b.icmp_signed("<", nfull, a["nc"])):  # the last, partial panel
-            cols = b.sub(a["nc"], nfull)
-            dst = _addr(b, F32, a["bp"], b.mul(nfull, a["kcp"]))
-            with _for(b, 0, a["kc"], name="k") as k:
-                with _for(b, 0, i64(NR), name="j") as j:
-                    o = b.add(b.mul(k, i64(NR)), j)
-                    _store(b, zero, dst, o)
-                    with b.if_then(b.icmp_signed("<", j, cols)):
-                        _store(b, _load(b, F32, a["b"], b.add(b.mul(k, a["ldb"]), b.add(nfull, j))),
-                               dst, o)
-        with _for(b, 0, a["nc"], NR, name="q") as q:  # zero rows kc..kcp of every panel
+        iota = [ir.Constant(ir.VectorType(I32, VW), list(range(v * VW, (v + 1) * VW)))
+                for v in range(NV)]
+        zero = ir.Constant(vt, [0.0] * VW)
+
+        def copy_panel(q, masks):
+            src = _addr(b, F32, a["b"], q)
             dst = _addr(b, F32, a["bp"], b.mul(q, a["kcp"]))
-            with _for(b, a["kc"], a["kcp"], name="k") as k:
-                for v in range(c.nv):
-                    _store(b, ir.Constant(vt, [0.0] * VW), dst, b.add(b.mul(k, i64(NR)), i64(v * VW)),
-                           align=4 * VW)
+            with _for(b, 0, a["kc"], name="k") as k:
+                so, do = b.mul(k, a["ldb"]), b.mul(k, i64(NR))
+                for v in range(NV):
+                    x = _load_vec(b, vt, src, b.add(so, i64(v * VW)), masks[v])
+                    _store(b, x, dst, b.add(do, i64(v * VW)), align=4 * VW)
+            with _for(b, a["kc"], a["kcp"], name="kz") as k:  # zero rows kc..kcp
+                for v in range(NV):
+                    _store(b, zero, dst, b.add(b.mul(k, i64(NR)), i64(v * VW)), align=4 * VW)
+
+        with _for(b, 0, a["nc"], NR, name="q") as q:
+            cols = b.sub(a["nc"], q)
+            with b.if_else(b.icmp_signed(">=", cols, i64(NR)), likely=True) as (full, part):
+                with full:
+                    copy_panel(q, [None] * NV)
+                with part:  # the last, partial panel: masked loads, zeros beyond nc
+                    n = _splat_i32(b, b.trunc(cols, I32), VW)
+                    copy_panel(q, [b.icmp_signed("<", iota[v], n) for v in range(NV)])
         b.ret_void()
         return fn
 
