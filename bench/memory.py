@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                             batch=args.batch).nodes)
         lines.append(f"| {name} | {lowered} -> {r['nodes']} | {mib(r['naive_bytes'])} "
                      f"| {mib(r['lower_bound_bytes'])} | {mib(r['planned_bytes'])} "
-                     f"| {rn:.1%} | {rl:.3f} | {mib(r['param_bytes'])} |")
+                     f"| {rn:.1%} | {rl:.4f} | {mib(r['param_bytes'])} |")
     lines += ["", "Targets: planned <= 1.1 x lower bound for every net; ResNet-50 planned <= 15% "
               "of naive; GoogLeNet <= 20%.", ""]
     lines += (["Missed:", ""] + [f"* {m}" for m in misses] if misses

@@ -99,6 +99,11 @@ def cmd_dump(args) -> int:
     return 0
 
 
+def _cmd_memory(args) -> int:
+    from .passes.memory import cmd_memory
+    return cmd_memory(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="graphc", description="A static graph compiler for Caffe nets.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -108,10 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dump)
+    p = sub.add_parser("memory", help="memory report: Caffe's naive allocation, the lower "
+                                      "bound, and the planned arena")
+    _add_net_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_memory)
     from .data.convert import add_convert_data_parser
     add_convert_data_parser(sub)
     from .train.cli import add_train_parsers
     add_train_parsers(sub)
+    from .runtime.commands import add_parsers as add_cpu_parsers
+    add_cpu_parsers(sub)
     return ap
 
 

@@ -34,9 +34,11 @@ class Net:
     def __init__(self, model, weights=None, phase: str = "test", *, level: int | None = None,
                  stages=(), batch: int | None = None, seed: int | None = None,
                  backend: str = "reference"):
-        if backend != "reference":
+        if backend not in ("reference", "cpu"):
             raise GraphcError(f"backend '{backend}' is not available in this build",
-                              hint="use backend='reference'")
+                              hint="use backend='reference' or backend='cpu'")
+        self.backend = backend
+        self._compiled = None      # the CompiledNet of the cpu backend, built on demand
         self.source: NetSource = load_net_source(model)
         self.phase = phase
         self._lower_args = dict(phase=phase, level=level, stages=tuple(stages))
@@ -90,6 +92,7 @@ class Net:
                                   hint="only shapes that keep every weight's shape can change")
             p.data = old.params[name].data
         self.graph = new
+        self.recompile()
         self._reset_blobs()
 
     # ---- running --------------------------------------------------------------------
@@ -99,6 +102,11 @@ class Net:
         feeds = self._feeds(inputs)
         g = self.graph
         self._remember(feeds)
+        if self.backend == "cpu":
+            out = self._cpu_net().forward(**{b: self.blobs[b] for b in self.inputs})
+            for blob, value in out.items():
+                self.blobs[blob] = value
+            return out
         versions = g.blob_versions()
         env = ReferenceExecutor(g, self._ctx).run(feeds, keep=set(versions.values()))
         self._store_blobs(env, feeds)
@@ -205,12 +213,28 @@ class Net:
             for blob in versions)
         return float(loss)
 
+    # ---- the cpu backend ------------------------------------------------------------
+    def _cpu_net(self):
+        if self._compiled is None:
+            from .runtime.build import cached_library
+            from .runtime.loader import load
+            self._compiled = load(cached_library(self.graph))
+        return self._compiled
+
+    def recompile(self) -> None:
+        """Forget the compiled library (the cpu backend builds it again, from the current
+        params, at the next forward)."""
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.close()
+            self._compiled = None
+
     # ---- weights --------------------------------------------------------------------
     def copy_from(self, path) -> None:
         """Load weights by layer name, as Caffe's CopyTrainedLayersFrom: layers absent from
         this net are ignored; a count or shape mismatch is an error naming the layer."""
         from .frontend.weights import load_weights_into
         load_weights_into(self.graph, path)
+        self.recompile()
 
     def save(self, path) -> None:
         """Write the params as a V2 .caffemodel (atomically)."""

@@ -37,6 +37,17 @@ def pool_attrs(**kw):
     return a
 
 
+def _max_inputs(rng, k, shape):
+    """k tensors of distinct values where each one is the max somewhere."""
+    v = np.sort(distinct(rng, (k,) + shape).reshape(k, -1), axis=0)   # v[-1] is the max
+    n = v.shape[1]
+    out = np.empty_like(v)
+    for j in range(n):
+        order = np.roll(rng.permutation(k - 1).tolist() + [k - 1], j % k)
+        out[:, j] = v[order, j]
+    return [x.reshape(shape) for x in out]
+
+
 def _hinge_scores(rng, n, c):
     while True:
         x = rng.uniform(-2, 2, (n, c))
@@ -116,7 +127,7 @@ CASES = {
     "Eltwise-MAX": lambda r: dict(op_type="Eltwise",
                                   attrs={"operation": "MAX", "coeff": [1.0] * 3,
                                          "stable_prod_grad": True},
-                                  inputs=list(distinct(r, (3, 2, 5)))),
+                                  inputs=_max_inputs(r, 3, (2, 5))),
     "Scale": lambda r: dict(op_type="Scale",
                             attrs={"axis": 1, "num_axes": 1, "bias_term": True},
                             inputs=[r.standard_normal((2, 3, 4))],
@@ -349,8 +360,9 @@ def test_max_pool_routes_to_first_max_and_accumulates_overlaps():
     dy = np.array([[[[1., 10.], [100., 1000.]]]], dtype=np.float32)
     (dx,), _ = op.backward(attrs, [x], [], [None], [dy], [True], [], Context())
     want = np.zeros_like(x)
-    want[0, 0, 0, 1] = 1 + 10 + 100    # windows (0,0), (0,1) and (1,0): first max at (0,1)
-    want[0, 0, 1, 2] = 1000            # window (1,1): max 5 at (1,2)
+    want[0, 0, 0, 1] = 1 + 10          # windows (0,0) and (0,1): the first 5, at (0,1)
+    want[0, 0, 2, 0] = 100             # window (1,0): the first of two 3s
+    want[0, 0, 1, 2] = 1000            # window (1,1): 5 at (1,2)
     np.testing.assert_array_equal(dx, want)
 
 

@@ -474,6 +474,7 @@ def test_log_lines_parse_like_caffes(rng):
     assert any(re.fullmatch(r"Iteration 6, loss = [\d.e+-]+", s) for s in msgs)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_is_an_error(rng):
     net = QuadNet(rng, scale=1e3)
     solver = get_solver(solver_param("SGD", "base_lr: 10"), net=net, test_nets=[])

@@ -56,8 +56,10 @@ def resolve_path(path: str, source_dir: str | None, what: str, hint: str) -> str
     for p in tried:
         if os.path.exists(p):
             return p
-    names = " and ".join(f"'{os.path.abspath(p)}'" for p in tried)
-    raise OpError(f"{what} '{path}' does not exist (tried {names})", hint=hint)
+    names = " and ".join(dict.fromkeys(f"'{os.path.abspath(p)}'" for p in tried))
+    raise OpError(f"{what} '{path}' does not exist (tried {names})",
+                  hint=f"{hint}; or feed the layer's blobs instead of reading them "
+                       f"(graphc dump/compile: --input BLOB=D1,D2,... for every top)")
 
 
 def load_mean(path: str, source_dir: str | None = None) -> np.ndarray:

@@ -13,7 +13,6 @@ of the node's inputs, params and output only (the intermediate tensors never go 
 """
 from __future__ import annotations
 
-import numpy as np
 
 from ..errors import OpError
 from ..ir.types import TensorType

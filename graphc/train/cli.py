@@ -126,11 +126,9 @@ def cmd_test(args) -> int:
             vec = np.concatenate([np.asarray(outs[b], np.float32).ravel() for b, _, _ in outputs]) \
                 if outputs else np.zeros(0, np.float32)
             scores = vec.copy() if scores is None else scores + vec
-            k = 0
             for blob, v, _ in outputs:
                 for x in np.asarray(outs[blob], np.float32).ravel():
                     log.info(f"Batch {i}, {blob} = {g(x)}", "caffe.cpp:326")
-                    k += 1
         loss = np.float32(loss / np.float32(args.iterations))
         log.info(f"Loss: {g(loss)}", "caffe.cpp:331")
         k = 0

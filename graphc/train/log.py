@@ -33,6 +33,7 @@ class TrainLog:
         self.also = also              # a second stream (e.g. a log file), never a bar
         self.progress = bool(progress) and stream is not None and _isatty(stream)
         self._bar_shown = False
+        self._bar_time = 0.0
         self._pid = os.getpid()
 
     def info(self, msg: str, where: str = "solver.cpp:0") -> None:
@@ -56,6 +57,10 @@ class TrainLog:
         """Draw ``[=====>    ] it/stop  loss  lr  it/s  ETA`` on the terminal's last line."""
         if not self.progress:
             return
+        now = time.perf_counter()
+        if now - self._bar_time < 0.1 and it < stop:     # at most ~10 redraws a second
+            return
+        self._bar_time = now
         done, total = it - start, max(stop - start, 1)
         elapsed = time.perf_counter() - t0
         speed = done / elapsed if elapsed > 0 else 0.0

@@ -685,7 +685,14 @@ class Solver:
             for i, p in enumerate(n.params):
                 self.log.info(f"    [Forward] Layer {n.name}, param blob {i} data: "
                               f"{g(mean_abs(g_.params[p].data))}", "net.cpp:604")
+        blob_diffs = getattr(net, "blob_diffs", None) or {}
+        has_grad = getattr(getattr(net, "train_graph", None), "value_grads", {})
         for n in reversed(g_.nodes):
+            for v in n.inputs:
+                b = g_.blob_of.get(v, v)
+                if v in has_grad and b in blob_diffs:
+                    self.log.info(f"    [Backward] Layer {n.name}, bottom blob {b} diff: "
+                                  f"{g(mean_abs(blob_diffs[b]))}", "net.cpp:621")
             for i, p in enumerate(n.params):
                 if p in self.diffs and g_.params[p].lr_mult != 0:
                     self.log.info(f"    [Backward] Layer {n.name}, param blob {i} diff: "

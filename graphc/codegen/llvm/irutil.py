@@ -61,7 +61,6 @@ def step_function(mod: ir.Module, name: str):
     fn, b, a = new_function(mod, name, STEP_ARGS)
     for i in range(3):
         fn.args[i].add_attribute("noalias")
-    fn.args[1].add_attribute("readonly")
     return fn, b, a
 
 

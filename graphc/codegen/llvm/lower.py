@@ -47,30 +47,38 @@ class WeightsBlob:
     def __init__(self):
         self._offsets: dict = {}
         self._arrays: list[tuple[int, np.ndarray]] = []
+        self._digest: str | None = None
         self.size = 0
 
     def add(self, key, array: np.ndarray) -> int:
         if key in self._offsets:
             return self._offsets[key]
         a = np.ascontiguousarray(array, dtype=np.float32)
+        self._digest = None
         off = self.size
         self._arrays.append((off, a))
         self._offsets[key] = off
         self.size = _align(off + a.nbytes)
         return off
 
-    def tobytes(self) -> bytes:
-        buf = bytearray(self.size)
+    def write(self, f) -> None:
+        """Write the blob (``size`` bytes) to a binary file object."""
+        at = 0
         for off, a in self._arrays:
-            buf[off:off + a.nbytes] = a.tobytes()
-        return bytes(buf)
+            f.write(b"\0" * (off - at))
+            f.write(memoryview(a).cast("B"))
+            at = off + a.nbytes
+        f.write(b"\0" * (self.size - at))
 
     def digest(self) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        for off, a in self._arrays:
-            h.update(off.to_bytes(8, "little"))
-            h.update(a.tobytes())
-        return h.hexdigest()
+        """A 32-hex-digit fingerprint of the layout and the values."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            for off, a in self._arrays:
+                h.update(off.to_bytes(8, "little"))
+                h.update(memoryview(a).cast("B"))
+            self._digest = h.hexdigest()
+        return self._digest
 
 
 @dataclass
@@ -186,7 +194,7 @@ class KernelContext:
     def step_name(self, hint: str = "") -> str:
         self._nstep += 1
         tail = f"_{_ident(hint)[:40]}" if hint else ""
-        return f"graphc_s{self._nstep}{tail}"
+        return f"gk_s{self._nstep}{tail}"
 
     def add_step(self, fn: str, work: int) -> None:
         """Schedule ``fn`` (already emitted) for the current node."""
@@ -197,7 +205,7 @@ class KernelContext:
         """The SGEMM entry for an epilogue (one instance per distinct epilogue)."""
         key = epilogue.key()
         if key not in self._gemms:
-            name = f"graphc_gemm{len(self._gemms)}"
+            name = f"gk_gemm{len(self._gemms)}"
             GemmGenerator(self.gemm_config, epilogue, name, self.target.has_fma).emit(self.mod)
             self._gemms[key] = name
         return self.mod.globals[self._gemms[key]]

@@ -116,21 +116,27 @@ def choose_blocks(ng: int, m: int, p: int, kdim: int, cfg, target_items: int = 4
         return max(u, -(-x // u) * u)
 
     cap = max(nr, (2 * MIB // (4 * max(kdim, 1))) // nr * nr)
-    npb = max(1, -(-p // min(rup(p, nr), 1024, cap)))
-    nmb = 1
-    while True:
+    npb, nmb = max(1, -(-p // min(rup(p, nr), 1024, cap))), 1
+
+    def shape(npb, nmb):
         pb = min(p, rup(-(-p // npb), nr))
         mb = min(m, rup(-(-m // nmb), mr))
-        items = ng * (-(-p // pb)) * (-(-m // mb))
-        if items >= target_items or 2.0 * mb * pb * kdim / 2 < min_item_flops:
-            return mb, pb
+        return mb, pb, ng * (-(-p // pb)) * (-(-m // mb))
+
+    mb, pb, items = shape(npb, nmb)
+    while items < target_items:
         can_p, can_m = pb >= 4 * nr, mb >= 4 * mr
         if can_p and (not can_m or pb / nr >= mb / mr):
-            npb *= 2
+            cand = (npb * 2, nmb)
         elif can_m:
-            nmb *= 2
+            cand = (npb, nmb * 2)
         else:
-            return mb, pb
+            break
+        mb2, pb2, items2 = shape(*cand)
+        if 2.0 * mb2 * pb2 * kdim < min_item_flops or items2 <= items:
+            break
+        (npb, nmb), (mb, pb, items) = cand, (mb2, pb2, items2)
+    return mb, pb
 
 
 def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
@@ -148,7 +154,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     k.need_scratch(ws_bytes + (0 if direct else 4 * K * pb))
     w_src = k.param_src(params[0])
     b_src = k.param_src(params[1]) if epi.bias else None
-    im2col = None if direct else k.helper("graphc_im2col", _make_im2col)
+    im2col = None if direct else k.helper("gk_im2col", _make_im2col)
 
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp = k.ptr(b, a, _arena(x_off))

@@ -1,0 +1,111 @@
+"""Pooling (MAX, AVE; global) over (N, C, H, W), Caffe's geometry and rounding (the
+output size comes from ops/pool.py).  The parts split the N*C planes; one plane is
+pooled by a module-level function with the geometry as arguments (shared by every
+Pooling node and by the fused LRN + Pooling kernel).
+
+MAX: the window clipped to the image, start value -FLT_MAX, strictly greater wins (the
+first maximum in row-major order; the mask holds its index h * W + w as a float).
+AVE: the sum over the window clipped to the image, divided by the window clipped to the
+padded extent.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from ....ops.pool import pool_geometry
+from ..irutil import F32, FLT_MAX, I64, PTR, fptr, get, i64, imax, imin, load, loop, \
+    new_function, part_range, step_function, store, var
+from .pointwise import Src
+
+PLANE_ARGS = [("src", PTR), ("dst", PTR), ("mask", PTR), ("H", I64), ("W", I64),
+              ("OH", I64), ("OW", I64), ("KH", I64), ("KW", I64), ("SH", I64), ("SW", I64),
+              ("PH", I64), ("PW", I64)]
+
+
+def supported(g, n):
+    a = n.attrs
+    if a["pool"] not in ("MAX", "AVE"):
+        return (f"{a['pool']} pooling", "use MAX or AVE pooling")
+    if len(g.types[n.inputs[0]].shape) != 4:
+        return ("pooling of a blob that is not 4-D", "reshape to (N, C, H, W)")
+    return None
+
+
+def geometry(attrs, shape):
+    """(H, W, OH, OW, KH, KW, SH, SW, PH, PW)."""
+    kernel, stride, pad, out = pool_geometry(attrs, shape)
+    return (*shape[2:], *out, *kernel, *stride, *pad)
+
+
+def plane_function(k, method: str, with_mask: bool = False) -> ir.Function:
+    name = f"gk_{method.lower()}pool_plane{'_mask' if with_mask else ''}"
+    return k.helper(name, lambda mod, nm: _make_plane(mod, nm, method, with_mask))
+
+
+def _make_plane(mod, name, method, with_mask):
+    fn, b, a = new_function(mod, name, PLANE_ARGS, internal=True)
+    for i in (0, 1):
+        fn.args[i].add_attribute("noalias")
+    H, W = a["H"], a["W"]
+    with loop(b, 0, a["OH"], name="oh") as oh:
+        h0 = b.sub(b.mul(oh, a["SH"]), a["PH"])
+        h_end = b.add(h0, a["KH"])                     # unclipped: the padded window
+        hs, he = imax(b, h0, 0), imin(b, h_end, H)
+        with loop(b, 0, a["OW"], name="ow") as ow:
+            w0 = b.sub(b.mul(ow, a["SW"]), a["PW"])
+            w_end = b.add(w0, a["KW"])
+            ws, we = imax(b, w0, 0), imin(b, w_end, W)
+            o = b.add(b.mul(oh, a["OW"]), ow)
+            if method == "MAX":
+                best = var(b, ir.Constant(F32, -FLT_MAX), "best")
+                arg = var(b, i64(-1), "arg")
+                with loop(b, hs, he, name="h") as h:
+                    with loop(b, ws, we, name="w") as w:
+                        idx = b.add(b.mul(h, W), w)
+                        v = load(b, a["src"], idx)
+                        better = b.fcmp_ordered(">", v, get(b, best))
+                        b.store(b.select(better, v, get(b, best)), best)
+                        if with_mask:
+                            b.store(b.select(better, idx, get(b, arg)), arg)
+                store(b, get(b, best), a["dst"], o)
+                if with_mask:
+                    store(b, b.sitofp(get(b, arg), F32), a["mask"], o)
+            else:
+                acc = var(b, ir.Constant(F32, 0.0), "acc")
+                with loop(b, hs, he, name="h") as h:
+                    row = fptr(b, a["src"], b.mul(h, W))
+                    with loop(b, ws, we, name="w") as w:
+                        b.store(b.fadd(get(b, acc), load(b, row, w)), acc)
+                ph = b.sub(imin(b, h_end, b.add(H, a["PH"])), h0)
+                pw = b.sub(imin(b, w_end, b.add(W, a["PW"])), w0)
+                size = b.sitofp(b.mul(ph, pw), F32)
+                store(b, b.fdiv(get(b, acc), size), a["dst"], o)
+    b.ret_void()
+    return fn
+
+
+def call_plane(b, fn, src, dst, mask, geo):
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW = geo
+    b.call(fn, [src, dst, mask, *(i64(v) for v in (H, W, OH, OW, KH, KW, SH, SW, PH, PW))])
+
+
+def lower_pool(k, n):
+    x = n.inputs[0]
+    shape = k.shape(x)
+    geo = geometry(n.attrs, shape)
+    H, W, OH, OW = geo[:4]
+    planes = shape[0] * shape[1]
+    with_mask = len(n.outputs) > 1
+    plane = plane_function(k, n.attrs["pool"], with_mask)
+    fn, b, a = step_function(k.mod, k.step_name(n.name))
+    xp = k.ptr(b, a, Src("arena", k.loc(x)))
+    yp = k.ptr(b, a, Src("arena", k.loc(n.outputs[0])))
+    mp = k.ptr(b, a, Src("arena", k.loc(n.outputs[1]))) if with_mask else \
+        ir.Constant(PTR, None)
+    lo, hi = part_range(b, planes, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="plane") as p:
+        dst_off = b.mul(p, i64(OH * OW))
+        call_plane(b, plane, fptr(b, xp, b.mul(p, i64(H * W))), fptr(b, yp, dst_off),
+                   fptr(b, mp, dst_off) if with_mask else mp, geo)
+    b.ret_void()
+    k.add_step(fn.name, planes * OH * OW * geo[4] * geo[5])
