@@ -73,6 +73,8 @@ def cmd_dump(args) -> int:
                                    for o in n.outputs],
                        "attrs": n.attrs, "loc": n.loc,
                        "flops": per[n.name].flops, "bytes": per[n.name].bytes} for n in g.nodes],
+            "losses": [{"value": v, "weight": w} for v, w in g.losses],
+            "param_grads": g.param_grads,
             "totals": {"flops": total.flops, "bytes": total.bytes,
                        "param_count": sum(p.type.numel for p in g.params.values()),
                        "param_bytes": sum(p.type.nbytes for p in g.params.values())},

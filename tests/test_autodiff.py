@@ -257,6 +257,31 @@ def test_lr_mult_zero_and_propagate_down_skip_work(rng):
     assert not net.grads["conv1.0"].any() and net.grads["ip2.0"].any()
 
 
+IR_TWICE = """
+graph "twice" {
+  input %x: f32[2,3]
+  param $w: f32[3,3] {lr_mult=1.0, decay_mult=1.0}
+  %y: f32[2,3] = InnerProduct(%x, $w) {num_output=3, bias_term=false, axis=1, transpose=false} name="ip"
+  %sq: f32[2,3] = Eltwise(%y, %y) {operation="PROD", coeff=[1.0, 1.0], stable_prod_grad=true} name="sq"
+  %s: f32[2,3] = Sigmoid(%y) name="sig"
+  %loss: f32[] = EuclideanLoss(%sq, %s) {loss_weight=[0.5]} name="loss"
+  output %loss
+}
+"""
+
+
+def test_ir_without_splits_sums_every_read(rng):
+    """IR written directly (no Caffe Split nodes): a value read three times gets one Sum
+    of three partial gradients."""
+    g = parse_graph(IR_TWICE)
+    g.params["w"].data = rng.standard_normal((3, 3))
+    tg, errs = check_net(g, {"x": rng.standard_normal((2, 3))}, rng=rng)
+    sums = [n for n in tg.nodes if n.op == "Sum"]
+    assert len(sums) == 1 and sums[0].outputs == ["y@grad"]
+    assert sums[0].inputs == ["y@grad.0", "y@grad.1", "y@grad.2"]
+    assert tg.losses == [("loss", 0.5)]
+
+
 def test_no_loss_means_no_backward():
     g = autodiff(make_net("""
 layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
@@ -278,6 +303,27 @@ def test_train_graph_text_round_trip(rng):
     assert print_graph(copy) == text
 
 
+@pytest.mark.parametrize("text", [LENET % "false", SHARED, MISC], ids=["lenet", "shared", "misc"])
+def test_inference_passes_keep_the_gradients(text, rng):
+    """The backward graph is ordinary IR: the inference pipeline (dead-code drops Caffe's
+    Split nodes, ...) may run on it and the gradients stay the same."""
+    from graphc.ops import Context
+    from graphc.passes import DEFAULT_PIPELINE
+    from graphc.reference import ReferenceExecutor
+    net = make_net(text, rng)
+    tg = run_pipeline(net.graph, TRAIN_PIPELINE)
+    opt = run_pipeline(tg, DEFAULT_PIPELINE)
+    assert opt.param_grads.keys() == tg.param_grads.keys() and opt.losses
+    feeds = {v: rng.integers(0, 3, t.shape).astype(np.float32) if v == "label"
+             else rng.standard_normal(t.shape).astype(np.float32)
+             for v, t in tg.types.items() if v in tg.inputs}
+    envs = [ReferenceExecutor(g, Context("train", np.random.default_rng(1))).run(feeds)
+            for g in (tg, opt)]
+    for p in tg.param_grads:
+        np.testing.assert_allclose(envs[1][opt.param_grads[p]], envs[0][tg.param_grads[p]],
+                                   rtol=1e-6, atol=1e-7)
+
+
 def test_autodiff_twice_and_fused_nodes_are_refused():
     g = autodiff(make_net(SHARED).graph)
     with pytest.raises(GraphcError, match="already has a backward graph"):
@@ -297,6 +343,12 @@ def test_cli_dump_after_autodiff(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "= Grad(" in out.stdout and "grad $conv1.0 = %$conv1.0@grad" in out.stdout
     assert "Fill()" in out.stdout and "// totals" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "graphc.cli", "dump", str(path), "--phase",
+                         "train", "--json"], capture_output=True, text=True)
+    import json
+    doc = json.loads(js.stdout)
+    assert doc["losses"] == [{"value": "loss", "weight": 1.0}]
+    assert doc["param_grads"]["ip2.1"] == "$ip2.1@grad"
     test = subprocess.run([sys.executable, "-m", "graphc.cli", "dump", str(path)],
                           capture_output=True, text=True)
     assert test.returncode == 0 and "Grad(" not in test.stdout

@@ -315,3 +315,23 @@ def test_divergence_names_the_layer(tmp_path, monkeypatch):
     assert r.returncode == 1
     assert "graphc: error:" in r.stderr and "Traceback" not in r.stderr
     assert f"layer '{err.layer}'" in r.stderr
+
+
+def test_paths_relative_to_cwd_then_solver_dir(tmp_path, monkeypatch):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    make_dir(exp, solver=SOLVER.replace("max_iter: 20", "max_iter: 2"))
+    monkeypatch.chdir(tmp_path)
+    # the net and its data are found beside the solver; snapshot_prefix is relative to
+    # the working directory, as in Caffe, and a missing directory fails before training
+    with pytest.raises(graphc.GraphcError, match="cannot write snapshots") as e:
+        graphc.get_solver("exp/solver.prototxt")
+    assert "snapshot_prefix" in e.value.hint
+    (tmp_path / "snaps").mkdir()
+    solver = graphc.get_solver("exp/solver.prototxt")
+    solver.solve()
+    assert (tmp_path / "snaps/tiny_iter_2.caffemodel").exists()
+    missing = read_solver(exp / "solver.prototxt")
+    missing.net = "nope.prototxt"
+    with pytest.raises(graphc.GraphcError, match="'nope.prototxt' does not exist"):
+        graphc.get_solver(missing)

@@ -29,6 +29,10 @@ def replace_uses(g: Graph, old: str, new: str) -> None:
         if old in n.inputs:
             n.inputs = [new if v == old else v for v in n.inputs]
     g.outputs = [new if v == old else v for v in g.outputs]
+    # training graphs: loss terms and gradient records follow the value too
+    g.losses = [(new if v == old else v, w) for v, w in g.losses]
+    g.param_grads = {p: new if v == old else v for p, v in g.param_grads.items()}
+    g.value_grads = {x: new if v == old else v for x, v in g.value_grads.items()}
 
 
 def fresh_name(base: str, taken) -> str:
@@ -48,6 +52,7 @@ def cleanup(g: Graph) -> Graph:
     defined = set(g.inputs) | {o for n in g.nodes for o in n.outputs}
     g.types = {v: t for v, t in g.types.items() if v in defined}
     g.blob_of = {v: b for v, b in g.blob_of.items() if v in defined}
+    g.value_grads = {x: v for x, v in g.value_grads.items() if x in defined and v in defined}
     order = dict.fromkeys(p for n in g.nodes for p in n.params)
     g.params = {k: g.params[k] for k in order}
     return g

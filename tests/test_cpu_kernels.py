@@ -1,0 +1,372 @@
+"""The CPU backend's kernels against the numpy reference executor, on fresh random shapes,
+attributes and data.  Each case is a small net (several independent branches share one
+compiled library); the runtime NaN-fills the arena and scratch before every run
+(GRAPHC_POISON), so an output element no kernel writes fails the comparison."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from graphc.runtime.testing import assert_close, compile_graph, net_from_text
+
+pytestmark = pytest.mark.usefixtures("cpu_cache")
+SETTINGS = settings(max_examples=4, deadline=None, derandomize=False,
+                    suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def cpu_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRAPHC_CACHE", str(tmp_path_factory.mktemp("graphc-cache")))
+    yield
+    mp.undo()
+
+
+def inputs_layer(shapes: dict) -> str:
+    tops = "".join(f' top: "{k}"' for k in shapes)
+    dims = "".join("shape {" + "".join(f" dim: {d}" for d in s) + " } " for s in shapes.values())
+    return f'layer {{ name: "in" type: "Input"{tops} input_param {{ {dims}}} }}\n'
+
+
+def check(tmp_path, text: str, shapes: dict, rng, pipeline=None, tol=1e-4, positive=False,
+          threads=None):
+    net = net_from_text(text, tmp_path, rng=rng)
+    feeds = {}
+    for k, s in shapes.items():
+        x = rng.standard_normal(s).astype(np.float32)
+        feeds[k] = np.abs(x) + 0.1 if positive else x
+    want = net.forward(**feeds)
+    cn = compile_graph(net.graph, pipeline=pipeline, num_threads=threads)
+    try:
+        for _ in range(2):   # a second run must give the same (the arena is poisoned again)
+            got = cn.forward(**feeds)
+            assert_close(got, want, tol)
+    finally:
+        cn.close()
+    return got
+
+
+# ---------------------------------------------------------------------------------------
+# convolution
+
+
+@st.composite
+def conv_branch(draw, i):
+    kind = draw(st.sampled_from(["general", "general", "1x1", "depthwise"]))
+    g = 1 if kind == "1x1" else draw(st.sampled_from([1, 1, 2, 3]))
+    if kind == "depthwise":
+        g = draw(st.integers(1, 6))
+        cg = og = 1
+        kh = kw = draw(st.sampled_from([3, 3, 5]))
+    else:
+        cg, og = draw(st.integers(1, 5)), draw(st.integers(1, 7))
+        kh, kw = (1, 1) if kind == "1x1" else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = (1, 1) if kind == "1x1" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pad = (0, 0) if kind == "1x1" else (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dil = (1, 1) if kind != "general" else (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    ext = [d * (k - 1) + 1 for d, k in zip(dil, (kh, kw))]
+    h = draw(st.integers(max(1, ext[0] - 2 * pad[0]), 13))
+    w = draw(st.integers(max(1, ext[1] - 2 * pad[1]), 13))
+    n = draw(st.integers(1, 2))
+    bias = draw(st.booleans())
+    relu = draw(st.booleans())
+    shape = (n, g * cg, h, w)
+    text = (f'layer {{ name: "c{i}" type: "Convolution" bottom: "x{i}" top: "c{i}" '
+            f'convolution_param {{ num_output: {g * og} kernel_h: {kh} kernel_w: {kw} '
+            f'stride_h: {stride[0]} stride_w: {stride[1]} pad_h: {pad[0]} pad_w: {pad[1]} '
+            f'dilation: {dil[0]} dilation: {dil[1]} group: {g} bias_term: {str(bias).lower()} }} }}\n')
+    if relu:
+        text += f'layer {{ name: "r{i}" type: "ReLU" bottom: "c{i}" top: "c{i}" }}\n'
+    return shape, text
+
+
+@SETTINGS
+@given(data=st.data())
+def test_convolution(tmp_path_factory, data, rng):
+    branches = [data.draw(conv_branch(i)) for i in range(4)]
+    shapes = {f"x{i}": s for i, (s, _) in enumerate(branches)}
+    text = inputs_layer(shapes) + "".join(t for _, t in branches)
+    check(tmp_path_factory.mktemp("conv"), text, shapes, rng)
+
+
+def test_convolution_big_blocks(tmp_path, rng):
+    """Enough output channels and pixels that the work is cut into many GEMM items, a K
+    longer than one cache block, and an edge tile in both directions."""
+    shapes = {"x": (2, 37, 23, 29)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { '
+        'num_output: 83 kernel_size: 3 pad: 1 } }\n'
+        'layer { name: "r" type: "ReLU" bottom: "c" top: "c" relu_param { negative_slope: 0.1 } }\n'
+        'layer { name: "p" type: "Convolution" bottom: "x" top: "p" convolution_param { '
+        'num_output: 29 kernel_size: 1 } }\n')
+    check(tmp_path, text, shapes, rng)
+
+
+def test_convolution_1d_and_threads(tmp_path, rng):
+    """A 1-D convolution, and the same results with 1 and 3 threads."""
+    shapes = {"x": (2, 5, 17)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { '
+        'num_output: 6 kernel_size: 3 stride: 2 pad: 1 } }\n')
+    a = check(tmp_path, text, shapes, rng, threads=1)
+    rng2 = np.random.default_rng(0)
+    net = net_from_text(text, tmp_path, rng=rng2)
+    x = rng2.standard_normal(shapes["x"]).astype(np.float32)
+    outs = []
+    for t in (1, 3):
+        cn = compile_graph(net.graph, num_threads=t)
+        outs.append(cn.forward(x=x)["c"])
+        cn.close()
+    assert a["c"].shape == outs[0].shape
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+RESIDUAL = """
+layer {{ name: "proj" type: "Convolution" bottom: "x" top: "s" convolution_param {{ num_output: 24 kernel_size: 1 }} }}
+layer {{ name: "a" type: "Convolution" bottom: "x" top: "a" convolution_param {{ num_output: {mid} kernel_size: 1 }} }}
+layer {{ name: "a_relu" type: "ReLU" bottom: "a" top: "a" }}
+layer {{ name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {{ num_output: 24 kernel_size: {k} pad: {pad} }} }}
+layer {{ name: "sum" type: "Eltwise" bottom: {order} top: "sum" eltwise_param {{ operation: SUM {coeff} }} }}
+layer {{ name: "sum_relu" type: "ReLU" bottom: "sum" top: "sum" }}
+"""
+
+
+@pytest.mark.parametrize("mid,k,coeff,order", [
+    (300, 1, "", '"s" bottom: "b"'),          # K > one cache block: the GEMM accumulates
+    (20, 3, "", '"b" bottom: "s"'),           # short K: the epilogue reads the residual
+    (300, 1, "coeff: 0.5 coeff: 2", '"s" bottom: "b"'),   # coefficients, long K: a temporary
+    (20, 1, "coeff: -1 coeff: 1.5", '"s" bottom: "b"'),
+])
+def test_fused_residual(tmp_path, rng, mid, k, coeff, order):
+    """ResNet's conv + Eltwise SUM + ReLU, the output written over the shortcut."""
+    shapes = {"x": (1, 16, 9, 11)}
+    text = inputs_layer(shapes) + RESIDUAL.format(mid=mid, k=k, pad=k // 2, coeff=coeff,
+                                                  order=order)
+    net = net_from_text(text, tmp_path, rng=rng)
+    from graphc.passes import run_pipeline
+    opt = run_pipeline(net.graph)
+    fused = [n for n in opt.nodes if n.op == "Fused" and
+             [s["op"] for s in n.attrs["body"]] == ["Convolution", "Eltwise", "ReLU"]]
+    assert fused and "inplace" in fused[0].attrs, [n.name for n in opt.nodes]
+    check(tmp_path, text, shapes, rng)
+
+
+@pytest.mark.parametrize("tail", [
+    'layer { name: "t" type: "Scale" bottom: "c" top: "c" scale_param { bias_term: true } }',
+    'layer { name: "t" type: "PReLU" bottom: "c" top: "c" }',
+    'layer { name: "t" type: "TanH" bottom: "c" top: "c" }\n'
+    'layer { name: "t2" type: "Sigmoid" bottom: "c" top: "c" }',
+    'layer { name: "t" type: "Scale" bottom: "c" top: "c" scale_param { axis: 2 num_axes: 1 } }',
+    'layer { name: "t" type: "BatchNorm" bottom: "c" top: "c" }\n'
+    'layer { name: "t2" type: "ELU" bottom: "c" top: "c" }',
+])
+def test_fused_conv_tails(tmp_path, rng, tail):
+    """Elementwise tails in the GEMM epilogue (per-channel operands, libm functions per
+    lane), and one that is not per channel (a temporary, then a pointwise kernel)."""
+    shapes = {"x": (2, 6, 8, 7)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { '
+        'num_output: 10 kernel_size: 3 pad: 1 } }\n' + tail + "\n")
+    pipeline = ["dead-code", "fuse", "concat-slices", "inplace"] if "BatchNorm" in tail else None
+    net = net_from_text(text, tmp_path, rng=rng)
+    for p in net.graph.params.values():      # BatchNorm: a positive variance, scale 1
+        if p.type.shape == (1,):
+            p.data[...] = 1.0
+        elif p.name.startswith("t.1"):
+            p.data[...] = np.abs(p.data) + 0.5
+    x = rng.standard_normal(shapes["x"]).astype(np.float32)
+    want = net.forward(x=x)
+    cn = compile_graph(net.graph, pipeline=pipeline)
+    assert_close(cn.forward(x=x), want)
+    cn.close()
+
+
+# ---------------------------------------------------------------------------------------
+# inner product
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inner_product(tmp_path, rng, batch, transpose):
+    """Few rows (dot products over W's rows) and many (the GEMM, "col" epilogue)."""
+    k_in, n_out = int(rng.integers(1, 300)), int(rng.integers(1, 70))
+    shapes = {"x": (batch, k_in, 1, 1), "y": (2, 3, 5, 4)}
+    t = str(transpose).lower()
+    text = inputs_layer(shapes) + (
+        f'layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "ip" inner_product_param {{ '
+        f'num_output: {n_out} transpose: {t} }} }}\n'
+        f'layer {{ name: "relu" type: "ReLU" bottom: "ip" top: "ip" }}\n'
+        f'layer {{ name: "ip2" type: "InnerProduct" bottom: "y" top: "ip2" inner_product_param {{ '
+        f'num_output: 7 axis: 2 bias_term: false transpose: {t} }} }}\n')
+    check(tmp_path, text, shapes, rng)
+
+
+# ---------------------------------------------------------------------------------------
+# pooling, LRN, softmax
+
+
+@st.composite
+def pool_branch(draw, i):
+    method = draw(st.sampled_from(["MAX", "AVE"]))
+    if draw(st.integers(0, 5)) == 0:
+        shape = (draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 9)),
+                 draw(st.integers(1, 9)))
+        return shape, (f'layer {{ name: "p{i}" type: "Pooling" bottom: "x{i}" top: "p{i}" '
+                       f'pooling_param {{ pool: {method} global_pooling: true }} }}\n')
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(kh, 12)),
+             draw(st.integers(kw, 12)))
+    rnd = draw(st.sampled_from(["CEIL", "CEIL", "FLOOR"]))
+    return shape, (f'layer {{ name: "p{i}" type: "Pooling" bottom: "x{i}" top: "p{i}" '
+                   f'pooling_param {{ pool: {method} kernel_h: {kh} kernel_w: {kw} stride_h: {sh} '
+                   f'stride_w: {sw} pad_h: {ph} pad_w: {pw} round_mode: {rnd} }} }}\n')
+
+
+@SETTINGS
+@given(data=st.data())
+def test_pooling(tmp_path_factory, data, rng):
+    branches = [data.draw(pool_branch(i)) for i in range(5)]
+    shapes = {f"x{i}": s for i, (s, _) in enumerate(branches)}
+    text = inputs_layer(shapes) + "".join(t for _, t in branches)
+    check(tmp_path_factory.mktemp("pool"), text, shapes, rng)
+
+
+def test_pooling_mask(tmp_path, rng):
+    shapes = {"x": (2, 3, 9, 8)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "p" type: "Pooling" bottom: "x" top: "p" top: "mask" pooling_param { '
+        'pool: MAX kernel_size: 3 stride: 2 pad: 1 } }\n')
+    check(tmp_path, text, shapes, rng)
+
+
+@pytest.mark.parametrize("region,size,beta", [("ACROSS_CHANNELS", 5, 0.75),
+                                               ("ACROSS_CHANNELS", 3, 0.6),
+                                               ("WITHIN_CHANNEL", 3, 0.75),
+                                               ("WITHIN_CHANNEL", 5, 1.0)])
+def test_lrn_and_lrn_pool(tmp_path, rng, region, size, beta):
+    """LRN alone, and LRN + Pooling fused (the normalized planes live in scratch)."""
+    shapes = {"x": (2, 7, 11, 10)}
+    lrn = (f'lrn_param {{ local_size: {size} alpha: 0.3 beta: {beta} k: 1.5 '
+           f'norm_region: {region} }}')
+    text = inputs_layer(shapes) + (
+        f'layer {{ name: "n1" type: "LRN" bottom: "x" top: "n1" {lrn} }}\n'
+        f'layer {{ name: "n2" type: "LRN" bottom: "x" top: "n2" {lrn} }}\n'
+        'layer { name: "p" type: "Pooling" bottom: "n2" top: "p" pooling_param { '
+        'pool: MAX kernel_size: 3 stride: 2 } }\n')
+    from graphc.passes import run_pipeline
+    net = net_from_text(text, tmp_path)
+    assert any(n.op == "Fused" for n in run_pipeline(net.graph).nodes)
+    check(tmp_path, text, shapes, rng)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 10), 1), ((2, 5, 3, 4), 1), ((2, 3, 7), -1),
+                                        ((1, 1000), 1), ((4, 6, 2), 0)])
+def test_softmax(tmp_path, rng, shape, axis):
+    shapes = {"x": shape}
+    text = inputs_layer(shapes) + (
+        f'layer {{ name: "s" type: "Softmax" bottom: "x" top: "s" softmax_param {{ axis: {axis} }} }}\n')
+    check(tmp_path, text, shapes, rng)
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise
+
+
+UNARY = [
+    'type: "ReLU"', 'type: "ReLU" relu_param { negative_slope: 0.2 }', 'type: "ELU"',
+    'type: "Sigmoid"', 'type: "TanH"', 'type: "AbsVal"', 'type: "BNLL"',
+    'type: "Threshold" threshold_param { threshold: 0.3 }',
+    'type: "Power" power_param { power: 2 scale: 0.5 shift: 1 }',
+    'type: "Power" power_param { power: 0 }',
+    'type: "Exp" exp_param { base: 2 scale: 0.5 shift: 0.1 }', 'type: "Exp"',
+    'type: "Dropout"', 'type: "PReLU"', 'type: "PReLU" prelu_param { channel_shared: true }',
+    'type: "Scale" scale_param { bias_term: true }', 'type: "Bias"',
+    'type: "Scale" scale_param { axis: 0 num_axes: -1 }',
+]
+
+
+def test_unary_ops(tmp_path, rng):
+    shape = (2, 5, 4, 3)
+    shapes = {"x": shape}
+    text = inputs_layer(shapes)
+    for i, op in enumerate(UNARY):
+        text += f'layer {{ name: "u{i}" {op} bottom: "x" top: "u{i}" }}\n'
+    check(tmp_path, text, shapes, rng)
+
+
+def test_positive_ops_and_chains(tmp_path, rng):
+    """Log / fractional Power need positive inputs; chains of elementwise ops fuse."""
+    shapes = {"x": (3, 4, 5)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "l" type: "Log" bottom: "x" top: "l" log_param { base: 10 scale: 2 shift: 1 } }\n'
+        'layer { name: "q" type: "Power" bottom: "x" top: "q" power_param { power: 0.5 scale: 3 } }\n'
+        'layer { name: "r" type: "Power" bottom: "x" top: "r" power_param { power: -1.3 } }\n'
+        'layer { name: "a" type: "AbsVal" bottom: "x" top: "a" }\n'
+        'layer { name: "a2" type: "ReLU" bottom: "a" top: "a" }\n'
+        'layer { name: "a3" type: "TanH" bottom: "a" top: "a" }\n')
+    check(tmp_path, text, shapes, rng, positive=True)
+
+
+def test_eltwise_scale_bias_batchnorm(tmp_path, rng):
+    shapes = {"x": (2, 6, 5, 4), "y": (2, 6, 5, 4), "z": (2, 6, 5, 4), "f": (2, 6),
+              "g": (6, 5)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "s" type: "Eltwise" bottom: "x" bottom: "y" bottom: "z" top: "s" '
+        'eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 } }\n'
+        'layer { name: "p" type: "Eltwise" bottom: "x" bottom: "y" top: "p" eltwise_param { operation: PROD } }\n'
+        'layer { name: "m" type: "Eltwise" bottom: "x" bottom: "y" bottom: "z" top: "m" eltwise_param { operation: MAX } }\n'
+        'layer { name: "sc" type: "Scale" bottom: "x" bottom: "f" top: "sc" }\n'
+        'layer { name: "bi" type: "Bias" bottom: "y" bottom: "g" top: "bi" bias_param { axis: 1 } }\n'
+        'layer { name: "bn" type: "BatchNorm" bottom: "z" top: "bn" }\n'
+        'layer { name: "bn2" type: "BatchNorm" bottom: "x" top: "bn2" }\n'
+        'layer { name: "bn2s" type: "Scale" bottom: "bn2" top: "bn2" scale_param { bias_term: true } }\n')
+    net = net_from_text(text, tmp_path, rng=rng)
+    for name in ("bn", "bn2"):
+        m, v, s = net.params[name]
+        v[...] = np.abs(v) + 0.5
+        s[...] = 2.0
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    want = net.forward(**feeds)
+    for pipeline in (None, ["dead-code", "fuse", "concat-slices", "inplace"]):
+        cn = compile_graph(net.graph, pipeline=pipeline)
+        assert_close(cn.forward(**feeds), want)
+        cn.close()
+
+
+# ---------------------------------------------------------------------------------------
+# data movement
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_concat_slice_crop_tile_views(tmp_path, rng, batch):
+    """Concat written in place by its producers (batch 1) or copied (batch 2), Slice,
+    Crop, Tile, Flatten and Reshape."""
+    shapes = {"x": (batch, 4, 6, 5), "r": (batch, 2, 3, 2)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "c1" type: "Convolution" bottom: "x" top: "c1" convolution_param { num_output: 3 kernel_size: 1 } }\n'
+        'layer { name: "c2" type: "Convolution" bottom: "x" top: "c2" convolution_param { num_output: 5 kernel_size: 3 pad: 1 } }\n'
+        'layer { name: "cat" type: "Concat" bottom: "c1" bottom: "c2" top: "cat" }\n'
+        'layer { name: "cat2" type: "Concat" bottom: "x" bottom: "x" top: "cat2" concat_param { axis: 2 } }\n'
+        'layer { name: "sl" type: "Slice" bottom: "cat" top: "s1" top: "s2" top: "s3" slice_param { slice_point: 2 slice_point: 7 } }\n'
+        'layer { name: "cr" type: "Crop" bottom: "x" bottom: "r" top: "cr" crop_param { axis: 1 offset: 1 offset: 2 offset: 3 } }\n'
+        'layer { name: "ti" type: "Tile" bottom: "r" top: "ti" tile_param { axis: 2 tiles: 3 } }\n'
+        'layer { name: "fl" type: "Flatten" bottom: "s1" top: "fl" }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "fl" top: "ip" inner_product_param { num_output: 4 } }\n'
+        'layer { name: "re" type: "Reshape" bottom: "s3" top: "re" reshape_param { shape { dim: 0 dim: -1 } } }\n')
+    check(tmp_path, text, shapes, rng)
+
+
+def test_unsupported_layer_is_an_error(tmp_path):
+    """A layer the backend cannot compile is a GraphcError naming it, at compile time."""
+    from graphc.errors import GraphcError
+    shapes = {"x": (2, 5)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "am" type: "ArgMax" bottom: "x" top: "am" }\n')
+    net = net_from_text(text, tmp_path)
+    with pytest.raises(GraphcError) as e:
+        compile_graph(net.graph)
+    assert "'am'" in str(e.value) and "ArgMax" in str(e.value) and e.value.hint
