@@ -16,17 +16,19 @@ Structure (the loop nest of Goto's algorithm / BLIS):
 
 The microkernel keeps the whole MR x NR tile of C in vector registers: each k step
 loads NR/VW vectors of the B panel, broadcasts MR values of the A panel, and issues
-MR*NR/VW independent FMAs. Edge tiles are computed in full on the zero-padded panels
-and only the valid mr x nr part is written back (through a small stack tile).
+MR*NR/VW independent FMAs. Edge tiles are computed in full on the zero-padded panels;
+only their valid rows are written, the last columns with masked loads and stores.
+Blocks are balanced (K = 300 with KC = 256 runs as 2 x 152, not 256 + 44).
 
 On the last K block, an :class:`Epilogue` hook (e.g. bias + ReLU, for convolution as
 implicit GEMM) is applied to the tile while it is still in registers, so the result is
 written once.
 
 Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
-to ``part`` (whole MR- or NR-tiles of rows or columns; whichever split balances better)
-with its own packing workspace, so any thread pool can drive it. :class:`Gemm` compiles
-once and runs on a Python thread pool (ctypes releases the GIL).
+to ``part`` (whole MR-tiles of rows or NR-tiles of columns, whichever split gives the
+busiest part less work, packing included) with its own packing workspace of
+``gemm_workspace_bytes()`` bytes (64-byte aligned), so any thread pool can drive it.
+:class:`Gemm` compiles once and runs on a Python thread pool (ctypes releases the GIL).
 """
 from __future__ import annotations
 
@@ -128,7 +130,12 @@ class Epilogue:
     args: tuple = ()
 
     def key(self) -> str:
+        """Identifies the generated code (for caching compiled modules)."""
         return "none"
+
+    def arg_length(self, name: str, m: int, n: int) -> int:
+        """Number of floats argument ``name`` must hold for an M x N C."""
+        raise NotImplementedError
 
     def vector(self, b: ir.IRBuilder, x, row, col, args, mask):
         return x
@@ -152,6 +159,9 @@ class BiasAct(Epilogue):
 
     def key(self) -> str:
         return f"bias{self.bias or ''}_relu{int(self.relu)}_{self.negative_slope!r}"
+
+    def arg_length(self, name, m, n):
+        return m if self.bias == "row" else n
 
     def vector(self, b, x, row, col, args, mask):
         vt = x.type
@@ -616,26 +626,63 @@ def num_threads() -> int:
 
 
 _c_i64, _c_i32, _c_p = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+_compiled_lock = threading.Lock()
+_compiled: dict = {}
+
+
+def compile_gemm(target: jit.Target, config: GemmConfig, epilogue: Epilogue) -> jit.JitModule:
+    """The JIT-compiled module for (target, config, epilogue), compiled once per process."""
+    key = (target.cpu_name, target.features, config, epilogue.key())
+    with _compiled_lock:
+        mod = _compiled.get(key)
+        if mod is None:
+            mod = jit.compile_ir(gemm_ir(config, epilogue, fma=target.has_fma), target)
+            _compiled[key] = mod
+        return mod
+
+
+def _leading_dim(name: str, x) -> int:
+    """Row stride in elements of a row-major float32 matrix (any stride on a length-1 axis)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise GraphcError(f"GEMM operand {name} must be a 2-D float32 numpy array, got "
+                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}",
+                          hint="convert with np.asarray(x, dtype=np.float32)")
+    rows, cols = x.shape
+    if rows == 0 or cols == 0:  # no elements: nothing is read or written
+        return max(cols, 1)
+    if cols > 1 and x.strides[1] != 4:
+        raise GraphcError(f"GEMM operand {name} must have unit column stride (strides "
+                          f"{x.strides})", hint="pass np.ascontiguousarray(x)")
+    if rows > 1:
+        if x.strides[0] % 4 or x.strides[0] < 4 * cols:
+            raise GraphcError(f"GEMM operand {name} is not row-major (strides {x.strides})",
+                              hint="pass np.ascontiguousarray(x)")
+        return x.strides[0] // 4
+    return cols
 
 
 class Gemm:
-    """SGEMM compiled once for a target; ``gemm(A, B, C=None, ...)`` runs it on ``threads``
-    threads (a Python thread pool; the ctypes call releases the GIL)."""
+    """SGEMM compiled once for a target; ``gemm(A, B, C=None, accumulate=False, ...)`` runs
+    C = A @ B (+ C) on ``threads`` threads: a Python thread pool where each thread calls the
+    compiled function for its part (the ctypes call releases the GIL).
 
-    def __init__(self, cpu: str = "native", epilogue: Epilogue | None = None,
+    Epilogue arguments are passed by name (``BiasAct(bias="row")`` needs ``bias=``).
+    """
+
+    def __init__(self, cpu: str | jit.Target = "native", epilogue: Epilogue | None = None,
                  config: GemmConfig | None = None, threads: int | None = None):
         self.target = jit.target(cpu) if isinstance(cpu, str) else cpu
         self.config = config or default_config(self.target)
         self.epilogue = epilogue or Epilogue()
         self.threads = threads or num_threads()
-        ir_text = gemm_ir(self.config, self.epilogue, fma=self.target.has_fma)
-        self.module = jit.compile_ir(ir_text, self.target)
+        self.module = compile_gemm(self.target, self.config, self.epilogue)
         argtypes = [_c_i64, _c_i64, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_i32,
                     _c_i64, _c_i64, _c_p] + [_c_p] * len(self.epilogue.args)
         self._fn = self.module.function("sgemm", None, *argtypes)
         self.workspace_bytes = self.module.function("sgemm_workspace_bytes", _c_i64)()
         self._workspaces: list[np.ndarray] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self._lock = threading.Lock()
 
     def _workspace(self, i: int) -> int:
@@ -645,24 +692,9 @@ class Gemm:
             self._workspaces.append(raw[off:off + self.workspace_bytes])
         return self._workspaces[i].ctypes.data
 
-    @staticmethod
-    def _check(name, x, shape=None):
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
-            raise GraphcError(f"GEMM operand {name} must be a 2-D float32 numpy array, got "
-                              f"{getattr(x, 'dtype', type(x).__name__)} "
-                              f"{getattr(x, 'shape', '')}",
-                              hint="convert with np.asarray(x, dtype=np.float32)")
-        if x.strides[1] != 4 or x.strides[0] % 4 or x.strides[0] < 4 * max(x.shape[1], 1):
-            raise GraphcError(f"GEMM operand {name} must be row-major with unit column stride "
-                              f"(strides {x.strides})", hint="pass np.ascontiguousarray(x)")
-        if shape is not None and x.shape != shape:
-            raise GraphcError(f"GEMM operand {name} has shape {x.shape}, expected {shape}",
-                              hint="C must be M x N for A (M x K) @ B (K x N)")
-        return x.strides[0] // 4
-
     def __call__(self, A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None, *,
                  accumulate: bool = False, threads: int | None = None, **epi_args) -> np.ndarray:
-        lda, ldb = self._check("A", A), self._check("B", B)
+        lda, ldb = _leading_dim("A", A), _leading_dim("B", B)
         M, K = A.shape
         if B.shape[0] != K:
             raise GraphcError(f"GEMM shapes do not agree: A {A.shape} @ B {B.shape}",
@@ -670,19 +702,25 @@ class Gemm:
         N = B.shape[1]
         if C is None:
             if accumulate:
-                raise GraphcError("accumulate=True needs an output C", hint="pass C=")
+                raise GraphcError("accumulate=True needs the C to add to", hint="pass C=")
             C = np.empty((M, N), np.float32)
-        ldc = self._check("C", C, (M, N))
+        ldc = _leading_dim("C", C)
+        if C.shape != (M, N):
+            raise GraphcError(f"GEMM output C has shape {C.shape}, expected {(M, N)}",
+                              hint="C must be M x N for A (M x K) @ B (K x N)")
         extra = []
-        for n, _ in self.epilogue.args:
-            if n not in epi_args:
-                raise GraphcError(f"this GEMM's epilogue needs argument '{n}'", hint=f"pass {n}=")
-            v = epi_args.pop(n)
-            want = M if getattr(self.epilogue, "bias", None) == "row" else N
+        for name, _ in self.epilogue.args:
+            if name not in epi_args:
+                raise GraphcError(f"this GEMM's epilogue needs argument '{name}'",
+                                  hint=f"pass {name}=")
+            v = epi_args.pop(name)
+            want = self.epilogue.arg_length(name, M, N)
             if not (isinstance(v, np.ndarray) and v.dtype == np.float32 and v.ndim == 1
-                    and v.shape[0] == want and v.strides[0] == 4):
-                raise GraphcError(f"epilogue argument '{n}' must be a contiguous float32 "
-                                  f"vector of length {want}", hint="check the bias shape")
+                    and v.shape[0] == want and (want <= 1 or v.strides[0] == 4)):
+                raise GraphcError(f"epilogue argument '{name}' must be a contiguous float32 "
+                                  f"vector of length {want}, got {getattr(v, 'dtype', '')} "
+                                  f"{getattr(v, 'shape', type(v).__name__)}",
+                                  hint="check the bias shape")
             extra.append(v.ctypes.data)
         if epi_args:
             raise GraphcError(f"unknown GEMM arguments {sorted(epi_args)}",
@@ -690,17 +728,17 @@ class Gemm:
         if M == 0 or N == 0:
             return C
         nt = max(1, threads or self.threads)
-        with self._lock:
-            common = (M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc,
-                      int(bool(accumulate)))
+        common = (M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc,
+                  int(bool(accumulate)))
+        with self._lock:  # the workspaces belong to one call at a time
             if nt == 1:
                 self._fn(*common, 0, 1, self._workspace(0), *extra)
                 return C
             wss = [self._workspace(i) for i in range(nt)]
-            if self._pool is None or self._pool._max_workers < nt:
-                if self._pool is not None:
-                    self._pool.shutdown()
+            if self._pool_size < nt:
+                self.close()
                 self._pool = ThreadPoolExecutor(nt, thread_name_prefix="graphc-gemm")
+                self._pool_size = nt
             futs = [self._pool.submit(self._fn, *common, i, nt, wss[i], *extra)
                     for i in range(nt)]
             for f in futs:
@@ -708,6 +746,7 @@ class Gemm:
         return C
 
     def close(self):
+        """Stop the thread pool (a later call starts a new one)."""
         if self._pool is not None:
             self._pool.shutdown()
-            self._pool = None
+            self._pool, self._pool_size = None, 0

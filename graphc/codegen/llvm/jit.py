@@ -22,13 +22,14 @@ import llvmlite.binding as llvm
 from graphc.errors import GraphcError
 
 _PRESETS = {"generic": "x86-64", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
-_init_lock = threading.Lock()
+# LLVM's global context is not thread-safe: one compilation at a time
+_llvm_lock = threading.RLock()
 _initialized = False
 
 
 def _init() -> None:
     global _initialized
-    with _init_lock:
+    with _llvm_lock:
         if not _initialized:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
@@ -51,7 +52,8 @@ class Target:
         self.features = feats
         self._llvm_target = llvm.Target.from_triple(llvm.get_process_triple())
         try:
-            self.machine(jit=True)
+            with _llvm_lock:
+                self.machine(jit=True)
         except RuntimeError as e:
             raise GraphcError(f"LLVM cannot make a target machine for cpu '{cpu}' ({e})",
                               hint="use cpu='native', 'generic', 'avx2', 'avx512' or an "
@@ -118,33 +120,33 @@ def _as_target(t: Target | str) -> Target:
     return t if isinstance(t, Target) else target(t)
 
 
-def optimized_ir(module_ir: str, cpu: Target | str = "native") -> str:
-    """The module after the -O3 pipeline (for inspection and tests)."""
-    t = _as_target(cpu)
-    tm = t.machine(jit=False)
+def _compile(module_ir: str, t: Target, *, jit: bool, pic: bool = False):
+    """(target machine, optimized module) for ``module_ir``."""
+    tm = t.machine(jit=jit, pic=pic)
     mod = _parse(module_ir, t)
     mod.data_layout = str(tm.target_data)
     _optimize(mod, tm)
-    return str(mod)
+    return tm, mod
+
+
+def optimized_ir(module_ir: str, cpu: Target | str = "native") -> str:
+    """The module after the -O3 pipeline (for inspection and tests)."""
+    with _llvm_lock:
+        _, mod = _compile(module_ir, _as_target(cpu), jit=False)
+        return str(mod)
 
 
 def emit_assembly(module_ir: str, cpu: Target | str = "native") -> str:
-    t = _as_target(cpu)
-    tm = t.machine(jit=False)
-    mod = _parse(module_ir, t)
-    mod.data_layout = str(tm.target_data)
-    _optimize(mod, tm)
-    return tm.emit_assembly(mod)
+    with _llvm_lock:
+        tm, mod = _compile(module_ir, _as_target(cpu), jit=False)
+        return tm.emit_assembly(mod)
 
 
 def emit_object(module_ir: str, cpu: Target | str = "native") -> bytes:
     """An ELF relocatable object (position-independent) for linking into a .so."""
-    t = _as_target(cpu)
-    tm = t.machine(jit=False, pic=True)
-    mod = _parse(module_ir, t)
-    mod.data_layout = str(tm.target_data)
-    _optimize(mod, tm)
-    return tm.emit_object(mod)
+    with _llvm_lock:
+        tm, mod = _compile(module_ir, _as_target(cpu), jit=False, pic=True)
+        return tm.emit_object(mod)
 
 
 class JitModule:
@@ -157,18 +159,15 @@ class JitModule:
 
     def __init__(self, module_ir: str, cpu: Target | str = "native"):
         self.target = _as_target(cpu)
-        tm = self.target.machine(jit=True)
-        mod = _parse(module_ir, self.target)
-        mod.data_layout = str(tm.target_data)
-        _optimize(mod, tm)
-        self._tm = tm
-        self._module = mod
-        self.engine = llvm.create_mcjit_compiler(mod, tm)
-        self.engine.finalize_object()
-        self.engine.run_static_constructors()
+        with _llvm_lock:
+            self._tm, self._module = _compile(module_ir, self.target, jit=True)
+            self.engine = llvm.create_mcjit_compiler(self._module, self._tm)
+            self.engine.finalize_object()
+            self.engine.run_static_constructors()
 
     def address(self, name: str) -> int:
-        addr = self.engine.get_function_address(name)
+        with _llvm_lock:
+            addr = self.engine.get_function_address(name)
         if not addr:
             raise GraphcError(f"the compiled module has no function '{name}'",
                               hint="this is a bug in graphc's code generator")
