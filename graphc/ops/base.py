@@ -197,6 +197,19 @@ def expect_same_shape(types: list[TensorType], what: str, hint: str | None = Non
                           f"shape {list(t.shape)}", hint=hint)
 
 
+def check_param_shapes(layer_type: str, param_types: list[TensorType],
+                       want: list[tuple[int, ...]], hint: str) -> None:
+    """Weight (and bias) blobs must have exactly the shapes the layer needs."""
+    if len(param_types) != len(want):
+        raise OpError(f"{layer_type} needs {len(want)} param blob(s), got {len(param_types)}",
+                      hint="check bias_term and the weights file")
+    for i, (t, w) in enumerate(zip(param_types, want)):
+        if tuple(t.shape) != tuple(w):
+            what = "weight" if i == 0 else "bias"
+            raise OpError(f"the {what} blob has shape {list(t.shape)} but this layer needs "
+                          f"{list(w)}", hint=hint)
+
+
 def canonical_axis(axis: int, rank: int, what: str = "axis") -> int:
     if not -rank <= axis < rank:
         raise OpError(f"{what} {axis} is out of range for a {rank}-D blob",

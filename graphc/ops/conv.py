@@ -24,7 +24,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..errors import OpError
 from ..ir.types import TensorType
-from .base import Cost, Op, ParamSpec, canonical_axis, filler_to_dict, register
+from .base import (Cost, Op, ParamSpec, canonical_axis, check_param_shapes, filler_to_dict,
+                   register)
 from .fillers import compact
 
 _GEOM = ("kernel", "stride", "pad", "dilation")
@@ -279,16 +280,9 @@ class _ConvBase(Op):
         want = [geo.weight_shape()]
         if attrs.get("bias_term", True):
             want.append((geo.num_output,))
-        if len(param_types) != len(want):
-            raise OpError(f"{self.type} needs {len(want)} param blob(s), got {len(param_types)}",
-                          hint="check bias_term and the weights file")
-        for i, (t, w) in enumerate(zip(param_types, want)):
-            if tuple(t.shape) != tuple(w):
-                what = "weight" if i == 0 else "bias"
-                raise OpError(f"the {what} blob has shape {list(t.shape)} but this layer needs "
-                              f"{list(w)}",
-                              hint="the weights do not match num_output/kernel_size/group or the "
-                                   "input channels")
+        check_param_shapes(self.type, param_types, want,
+                           hint="the weights do not match num_output/kernel_size/group or the "
+                                "input channels")
         return [TensorType(geo.out_shape(), t.dtype) for t in in_types]
 
     def forward(self, attrs, inputs, params, ctx):

@@ -17,20 +17,14 @@ import math
 import numpy as np
 
 from ..errors import OpError
-from .base import Cost, Op, ParamSpec, canonical_axis, filler_to_dict, register
+from .base import (Cost, Op, ParamSpec, canonical_axis, check_param_shapes, filler_to_dict,
+                   register)
 from .fillers import compact
 
 
 def _check_params(layer_type: str, param_types, want) -> None:
-    if len(param_types) != len(want):
-        raise OpError(f"{layer_type} needs {len(want)} param blob(s), got {len(param_types)}",
-                      hint="check bias_term and the weights file")
-    for i, (t, w) in enumerate(zip(param_types, want)):
-        if tuple(t.shape) != tuple(w):
-            what = "weight" if i == 0 else "bias"
-            raise OpError(f"the {what} blob has shape {list(t.shape)} but this layer needs "
-                          f"{list(w)}",
-                          hint="the weights do not match num_output or the input size")
+    check_param_shapes(layer_type, param_types, want,
+                       hint="the weights do not match num_output or the input size")
 
 
 @register

@@ -217,26 +217,12 @@ class Split(Op):
 
 
 # ---------------------------------------------------------------------------------------
-@register
-class Flatten(Op):
-    """Merge axes ``axis`` .. ``end_axis`` (inclusive, both may be negative) into one."""
-    type = "Flatten"
-    caffe_param = "flatten_param"
+class _NewShape(Op):
+    """Flatten and Reshape: the same data under a new shape (``out_shape``); Caffe shares
+    the memory, so they cost nothing."""
 
-    def from_caffe(self, layer, phase):
-        p = layer.flatten_param
-        return {"axis": int(p.axis), "end_axis": int(p.end_axis)}
-
-    def out_shape(self, attrs, shape) -> list[int]:
-        rank = len(shape)
-        start = canonical_axis(attrs.get("axis", 1), rank, "flatten axis")
-        end = canonical_axis(attrs.get("end_axis", -1), rank, "flatten end_axis")
-        if end < start:
-            raise OpError(f"Flatten end_axis {attrs.get('end_axis', -1)} (axis {end}) comes "
-                          f"before axis {attrs.get('axis', 1)} (axis {start}) for a "
-                          f"{rank}-D bottom {list(shape)}",
-                          hint="end_axis must be at or after axis")
-        return [*shape[:start], math.prod(shape[start:end + 1]), *shape[end + 1:]]
+    def out_shape(self, attrs, shape):
+        raise NotImplementedError
 
     def infer(self, attrs, in_types, param_types):
         t = in_types[0]
@@ -256,6 +242,29 @@ class Flatten(Op):
 
     def cost(self, attrs, in_types, param_types, out_types):
         return Cost(0, 0)
+
+
+@register
+class Flatten(_NewShape):
+    """Merge axes ``axis`` .. ``end_axis`` (inclusive, both may be negative) into one."""
+    type = "Flatten"
+    caffe_param = "flatten_param"
+
+    def from_caffe(self, layer, phase):
+        p = layer.flatten_param
+        return {"axis": int(p.axis), "end_axis": int(p.end_axis)}
+
+    def out_shape(self, attrs, shape) -> list[int]:
+        rank = len(shape)
+        start = canonical_axis(attrs.get("axis", 1), rank, "flatten axis")
+        end = canonical_axis(attrs.get("end_axis", -1), rank, "flatten end_axis")
+        if end < start:
+            raise OpError(f"Flatten end_axis {attrs.get('end_axis', -1)} (axis {end}) comes "
+                          f"before axis {attrs.get('axis', 1)} (axis {start}) for a "
+                          f"{rank}-D bottom {list(shape)}",
+                          hint="end_axis must be at or after axis")
+        return [*shape[:start], math.prod(shape[start:end + 1]), *shape[end + 1:]]
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +323,7 @@ def reshape_shape(bottom: tuple[int, ...], new: list[int], axis: int = 0,
 
 
 @register
-class Reshape(Op):
+class Reshape(_NewShape):
     """Change the shape without touching the data (Caffe shares the memory)."""
     type = "Reshape"
     caffe_param = "reshape_param"
@@ -333,24 +342,6 @@ class Reshape(Op):
         return reshape_shape(tuple(shape), list(attrs["shape"]), int(attrs.get("axis", 0)),
                              int(attrs.get("num_axes", -1)))
 
-    def infer(self, attrs, in_types, param_types):
-        t = in_types[0]
-        return [t.with_shape(self.out_shape(attrs, t.shape))]
-
-    def forward(self, attrs, inputs, params, ctx):
-        x = inputs[0]
-        return [np.array(x, dtype=np.float32).reshape(self.out_shape(attrs, x.shape))]
-
-    def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
-                 need_params, ctx):
-        x, dy = inputs[0], grad_outputs[0]
-        return [_grad_or_zeros(dy, x.shape, x.dtype).reshape(x.shape).copy()
-                if need_inputs[0] else None], []
-
-    grad_cost = _move_grad_cost
-
-    def cost(self, attrs, in_types, param_types, out_types):
-        return Cost(0, 0)
 
 
 # ---------------------------------------------------------------------------------------
