@@ -106,6 +106,11 @@ def _cmd_memory(args) -> int:
     return cmd_memory(args)
 
 
+def _cmd_viz(args) -> int:
+    from .viz import cmd_viz
+    return cmd_viz(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="graphc", description="A static graph compiler for Caffe nets.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -120,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_net_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_memory)
+    p = sub.add_parser("viz", help="draw the graph as SVG: fused groups, buffer sharing, memory")
+    _add_net_args(p)
+    p.add_argument("--after", metavar="PASS",
+                   help="draw the IR after this pass (default: after the whole pipeline)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.svg", help="the SVG to write")
+    p.set_defaults(func=_cmd_viz)
     from .data.convert import add_convert_data_parser
     add_convert_data_parser(sub)
     from .train.cli import add_train_parsers

@@ -16,21 +16,23 @@ def _host_has(*features):
     return all(f.get(x, False) for x in features)
 
 
+# min_flops_per_thread=0: small problems too run on as many threads as asked
+
 @pytest.fixture(scope="module")
 def native():
-    return gemm.Gemm("native")
+    return gemm.Gemm("native", min_flops_per_thread=0)
 
 
 @pytest.fixture(scope="module")
 def baseline():
-    return gemm.Gemm("generic")
+    return gemm.Gemm("generic", min_flops_per_thread=0)
 
 
 @pytest.fixture(scope="module")
 def avx2():
     if not _host_has("avx2", "fma"):
         pytest.skip("the host has no AVX2 + FMA")
-    return gemm.Gemm("avx2")
+    return gemm.Gemm("avx2", min_flops_per_thread=0)
 
 
 def rel_l2(got, want):
@@ -74,6 +76,24 @@ def check(g, rng, M, N, K, threads, accumulate=False, pads=(3, 5, 7)):
 def test_native_matches_numpy(native, rng, threads):
     for M, N, K in SHAPES:
         check(native, rng, M, N, K, threads)
+
+
+@pytest.mark.parametrize("M,N,K", [(300, 40, 50), (5, 700, 30), (64, 64, 9)])
+def test_parts_partition_c(native, rng, M, N, K):
+    """Each part of the compiled entry point writes its own slice, and the parts cover C."""
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    C = np.full((M, N), np.nan, np.float32)
+    nparts = 3
+    written = np.zeros((M, N), bool)
+    for part in range(nparts):
+        native.function(M, N, K, A.ctypes.data, K, B.ctypes.data, N, C.ctypes.data, N, 0,
+                        part, nparts, native.workspace(part))
+        now = np.isfinite(C)
+        assert (now & ~written).any(), f"part {part} wrote nothing"
+        written = now
+    assert written.all()
+    assert rel_l2(C, A.astype(np.float64) @ B) <= 1e-5
 
 
 def test_native_accumulate(native, rng):
@@ -137,7 +157,8 @@ def naive_bias_act(acc, bias, mode, slope):
 
 @pytest.mark.parametrize("mode,slope", [("row", 0.0), ("col", 0.1)])
 def test_epilogue_bias_relu(rng, mode, slope):
-    g = gemm.Gemm("native", epilogue=gemm.BiasAct(bias=mode, relu=True, negative_slope=slope))
+    g = gemm.Gemm("native", epilogue=gemm.BiasAct(bias=mode, relu=True, negative_slope=slope),
+                  min_flops_per_thread=0)
     # K = 600 spans several K blocks: the epilogue must run once, after the last one
     for M, N, K in [(7, 13, 17), (200, 33, 600), (5, 70, 30)]:
         for threads in (1, 2):
@@ -157,7 +178,7 @@ def test_epilogue_bias_relu(rng, mode, slope):
 
 
 def test_epilogue_on_baseline(rng):
-    g = gemm.Gemm("generic", epilogue=gemm.BiasAct(bias="col", relu=True))
+    g = gemm.Gemm("generic", epilogue=gemm.BiasAct(bias="col", relu=True), min_flops_per_thread=0)
     A = rng.standard_normal((9, 21)).astype(np.float32)
     B = rng.standard_normal((21, 19)).astype(np.float32)
     bias = rng.standard_normal(19).astype(np.float32)

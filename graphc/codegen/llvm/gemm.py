@@ -667,23 +667,33 @@ class Gemm:
     compiled function for its part (the ctypes call releases the GIL).
 
     Epilogue arguments are passed by name (``BiasAct(bias="row")`` needs ``bias=``).
+    A call uses at most one thread per ``min_flops_per_thread`` of work (handing a part to
+    a pool thread costs tens of microseconds).
     """
 
     def __init__(self, cpu: str | jit.Target = "native", epilogue: Epilogue | None = None,
-                 config: GemmConfig | None = None, threads: int | None = None):
+                 config: GemmConfig | None = None, threads: int | None = None,
+                 min_flops_per_thread: float = 24e6):
         self.target = jit.target(cpu) if isinstance(cpu, str) else cpu
+        self.min_flops_per_thread = min_flops_per_thread
         self.config = config or default_config(self.target)
         self.epilogue = epilogue or Epilogue()
         self.threads = threads or num_threads()
         self.module = compile_gemm(self.target, self.config, self.epilogue)
         argtypes = [_c_i64, _c_i64, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_i32,
                     _c_i64, _c_i64, _c_p] + [_c_p] * len(self.epilogue.args)
-        self._fn = self.module.function("sgemm", None, *argtypes)
+        #: the compiled entry point: fn(M, N, K, A, lda, B, ldb, C, ldc, accumulate, part,
+        #: nparts, workspace, *epilogue args), for callers that bring their own threads
+        self.function = self._fn = self.module.function("sgemm", None, *argtypes)
         self.workspace_bytes = self.module.function("sgemm_workspace_bytes", _c_i64)()
         self._workspaces: list[np.ndarray] = []
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
         self._lock = threading.Lock()
+
+    def workspace(self, i: int) -> int:
+        """Address of part ``i``'s packing workspace (``workspace_bytes``, 64-byte aligned)."""
+        return self._workspace(i)
 
     def _workspace(self, i: int) -> int:
         while len(self._workspaces) <= i:
@@ -727,20 +737,22 @@ class Gemm:
                               hint="remove them, or build the Gemm with that epilogue")
         if M == 0 or N == 0:
             return C
-        nt = max(1, threads or self.threads)
+        nt = threads or self.threads
+        if self.min_flops_per_thread > 0:
+            nt = min(nt, int(2.0 * M * N * max(K, 1) // self.min_flops_per_thread))
+        nt = max(1, nt)
         common = (M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc,
                   int(bool(accumulate)))
         with self._lock:  # the workspaces belong to one call at a time
-            if nt == 1:
-                self._fn(*common, 0, 1, self._workspace(0), *extra)
-                return C
             wss = [self._workspace(i) for i in range(nt)]
-            if self._pool_size < nt:
+            if nt > 1 and self._pool_size < nt - 1:
                 self.close()
-                self._pool = ThreadPoolExecutor(nt, thread_name_prefix="graphc-gemm")
-                self._pool_size = nt
+                self._pool = ThreadPoolExecutor(nt - 1, thread_name_prefix="graphc-gemm")
+                self._pool_size = nt - 1
+            # parts 1.. on the pool, part 0 on this thread
             futs = [self._pool.submit(self._fn, *common, i, nt, wss[i], *extra)
-                    for i in range(nt)]
+                    for i in range(1, nt)]
+            self._fn(*common, 0, nt, wss[0], *extra)
             for f in futs:
                 f.result()
         return C
