@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="memory report: Caffe's naive allocation, the lower "
                                       "bound, and the planned arena")
     _add_net_args(p)
+    p.add_argument("--recompute", action="store_true",
+                   help="train phase: also plan with cheap layers recomputed in backward "
+                        "(used when that lowers the peak)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_memory)
     p = sub.add_parser("viz", help="draw the graph as SVG: fused groups, buffer sharing, memory")
@@ -137,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     from .runtime.commands import add_parsers as add_cpu_parsers
     add_cpu_parsers(sub)
+    from .export import add_export_parser
+    add_export_parser(sub)
     return ap
 
 

@@ -241,7 +241,8 @@ define i64 @add3(i64 %a) {
 
 
 def test_peak_loop_runs():
-    """The FMA loop computes acc_i <- acc_i * 1 + y for ``iters`` steps: sum = sum_i (i + iters*y)."""
+    """The FMA loop runs acc_i <- acc_i * 1 + y for ``iters`` steps from acc_i = i, and
+    stores lane 0 of the sum of the accumulators: sum_i (i + iters * y)."""
     fn, width, nacc = peak.compile_peak("native")
     buf = (ctypes.c_float * 4)(1.0, 0.5, 0.0, 0.0)
     fn(1000, ctypes.cast(buf, ctypes.POINTER(ctypes.c_float)))

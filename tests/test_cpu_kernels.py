@@ -105,6 +105,34 @@ def test_convolution_big_blocks(tmp_path, rng):
     check(tmp_path, text, shapes, rng)
 
 
+@pytest.mark.parametrize("geom", ["kernel_size: 3 pad: 1", "kernel_size: 5 pad: 2",
+                                  "kernel_size: 3 pad: 1 stride: 2", "kernel_size: 3 pad: 2 dilation: 2",
+                                  "kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0",
+                                  "kernel_size: 3 pad: 0"])
+def test_depthwise(tmp_path, rng, geom):
+    """Depthwise (MobileNet): "same" stride-1 planes as shifted flat loops with the edge
+    columns recomputed, and the row-by-row general case."""
+    shapes = {"x": (2, 5, 9, 8)}
+    text = inputs_layer(shapes) + (
+        f'layer {{ name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param {{ '
+        f'num_output: 5 group: 5 {geom} }} }}\n'
+        'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n')
+    check(tmp_path, text, shapes, rng)
+
+
+def test_convolution_of_one_pixel(tmp_path, rng):
+    """A 1x1 convolution of 1x1 images (MobileNet's classifier: an inner product), and a
+    3x3 one with padding (not one)."""
+    shapes = {"x": (2, 40, 1, 1)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { '
+        'num_output: 33 kernel_size: 1 } }\n'
+        'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n'
+        'layer { name: "d" type: "Convolution" bottom: "x" top: "d" convolution_param { '
+        'num_output: 7 kernel_size: 3 pad: 1 } }\n')
+    check(tmp_path, text, shapes, rng)
+
+
 def test_convolution_1d_and_threads(tmp_path, rng):
     """A 1-D convolution, and the same results with 1 and 3 threads."""
     shapes = {"x": (2, 5, 17)}
@@ -361,13 +389,28 @@ def test_concat_slice_crop_tile_views(tmp_path, rng, batch):
     check(tmp_path, text, shapes, rng)
 
 
-def test_unsupported_layer_is_an_error(tmp_path):
+PYLAYER = """
+import graphc
+class Copy(graphc.PythonLayer):
+    def setup(self, bottom, top): pass
+    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
+    def forward(self, bottom, top): top[0].data[...] = bottom[0].data
+"""
+
+
+@pytest.mark.parametrize("layer,name,what", [
+    ('layer { name: "am" type: "ArgMax" bottom: "x" top: "am" }', "am", "no CPU kernel"),
+    ('layer { name: "py" type: "Python" bottom: "x" top: "py" '
+     'python_param { module: "cpu_test_layer" layer: "Copy" } }', "py", "Python code"),
+    ('layer { name: "dd" type: "DummyData" top: "dd" dummy_data_param { shape { dim: 2 } } }',
+     "dd", "produces data by itself"),
+])
+def test_unsupported_layer_is_an_error(tmp_path, layer, name, what):
     """A layer the backend cannot compile is a GraphcError naming it, at compile time."""
     from graphc.errors import GraphcError
+    (tmp_path / "cpu_test_layer.py").write_text(PYLAYER)
     shapes = {"x": (2, 5)}
-    text = inputs_layer(shapes) + (
-        'layer { name: "am" type: "ArgMax" bottom: "x" top: "am" }\n')
-    net = net_from_text(text, tmp_path)
+    net = net_from_text(inputs_layer(shapes) + layer + "\n", tmp_path)
     with pytest.raises(GraphcError) as e:
         compile_graph(net.graph)
-    assert "'am'" in str(e.value) and "ArgMax" in str(e.value) and e.value.hint
+    assert f"layer '{name}'" in str(e.value) and what in str(e.value) and e.value.hint

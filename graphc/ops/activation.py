@@ -96,10 +96,22 @@ class ReLU(_Neuron):
         zero = _c(x, 0)
         return np.maximum(x, zero) + _c(x, attrs["negative_slope"]) * np.minimum(x, zero)
 
+    def backward_uses_outputs(self, attrs):
+        return attrs["negative_slope"] >= 0
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """With ``negative_slope >= 0``, ``y > 0`` exactly where ``x > 0`` (NaN and -inf
+        included), so the top alone decides (as in Caffe's in-place ReLU, whose bottom
+        is its top); a negative slope flips signs, so it needs the bottom."""
+        top = self.backward_uses_outputs(attrs)
+        return [not top], [top]
+
     def grad(self, attrs, x, y, dy, ctx):
-        """``dy * ((x > 0) + negative_slope * (x <= 0))``."""
-        pos = (x > 0).astype(x.dtype)
-        return dy * (pos + _c(x, attrs["negative_slope"]) * (x <= 0).astype(x.dtype))
+        """``dy * ((x > 0) + negative_slope * (x <= 0))``, the signs taken from y when it
+        is given (``negative_slope >= 0``: the same signs)."""
+        s = x if y is None else y
+        pos = (s > 0).astype(dy.dtype)
+        return dy * (pos + _c(dy, attrs["negative_slope"]) * (s <= 0).astype(dy.dtype))
 
     def flops_per_element(self, attrs):
         return 1 if attrs["negative_slope"] == 0 else 3
@@ -197,10 +209,15 @@ class ELU(_Neuron):
     def backward_uses_outputs(self, attrs):
         return True
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """With ``alpha >= 0``, ``y > 0`` exactly where ``x > 0``: the top alone will do."""
+        return [attrs["alpha"] < 0], [True]
+
     def grad(self, attrs, x, y, dy, ctx):
-        """``dy * ((x > 0) + (alpha + y) * (x <= 0))``."""
-        pos, neg = (x > 0).astype(x.dtype), (x <= 0).astype(x.dtype)
-        return dy * (pos + (_c(x, attrs["alpha"]) + y) * neg)
+        """``dy * ((x > 0) + (alpha + y) * (x <= 0))`` (signs from y when alpha >= 0)."""
+        s = x if attrs["alpha"] < 0 else y
+        pos, neg = (s > 0).astype(dy.dtype), (s <= 0).astype(dy.dtype)
+        return dy * (pos + (_c(dy, attrs["alpha"]) + y) * neg)
 
     def flops_per_element(self, attrs):
         return TRANSCENDENTAL_FLOPS + 4
@@ -220,6 +237,9 @@ class Sigmoid(_Neuron):
 
     def backward_uses_outputs(self, attrs):
         return True
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [True]
 
     def grad(self, attrs, x, y, dy, ctx):
         """``dy * y * (1 - y)``."""
@@ -242,6 +262,9 @@ class TanH(_Neuron):
 
     def backward_uses_outputs(self, attrs):
         return True
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [True]
 
     def grad(self, attrs, x, y, dy, ctx):
         """``dy * (1 - y^2)``."""
@@ -298,6 +321,11 @@ class Power(_Neuron):
     def backward_uses_outputs(self, attrs):
         power, scale, shift = attrs["power"], attrs["scale"], attrs["shift"]
         return power * scale != 0 and power not in (1, 2)
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """A constant derivative (``power * scale == 0`` or power 1) reads nothing."""
+        power, scale = attrs["power"], attrs["scale"]
+        return [not (power * scale == 0 or power == 1)], [self.backward_uses_outputs(attrs)]
 
     def grad(self, attrs, x, y, dy, ctx):
         """Caffe's cases, with ``diff_scale = power * scale``: a constant ``diff_scale``
@@ -378,6 +406,9 @@ class Exp(_Neuron):
 
     def backward_uses_outputs(self, attrs):
         return True
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [True]
 
     def grad(self, attrs, x, y, dy, ctx):
         """``dy * y * inner_scale``."""
@@ -517,6 +548,13 @@ class Dropout(_Neuron):
         ctx.state["mask"] = mask
         ctx.state["scale"] = scale
         return x * mask * scale
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [False]     # the mask is in ctx.state
+
+    def backward_state_bytes(self, attrs, in_types, out_types):
+        """The mask, one 4-byte value per element (Caffe's ``rand_vec_``)."""
+        return 4 * in_types[0].numel if attrs["train"] else 0
 
     def grad(self, attrs, x, y, dy, ctx):
         """Train: ``dy * mask * scale`` with the forward's mask (from ``ctx.state``);

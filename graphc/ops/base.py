@@ -140,6 +140,30 @@ class Op:
         Sigmoid, TanH, Softmax, ...); the Grad node then takes them as inputs."""
         return False
 
+    def backward_reads(self, attrs: dict, need_inputs: list[bool], need_params: list[bool],
+                       n_outputs: int) -> tuple[list[bool], list[bool]]:
+        """Which forward inputs and which forward outputs ``backward`` reads the values of
+        when it computes the gradients in ``need_inputs`` / ``need_params``.  The autodiff
+        pass gives the Grad node only these, so a value no backward reads dies after the
+        forward pass (the memory planner counts on it); the others reach ``backward`` as
+        read-only placeholders of the right shape and dtype whose values must not matter
+        (``outputs`` entries: None).  Default: every input, and every output when
+        ``backward_uses_outputs``."""
+        return [True] * len(need_inputs), [self.backward_uses_outputs(attrs)] * n_outputs
+
+    def backward_inplace_ok(self, attrs: dict) -> bool:
+        """The backward is elementwise (after any per-channel reductions): the gradient of
+        the first input may be written over a value of the same size the Grad node reads
+        (the top's gradient, a forward input or output).  Default: ``inplace_ok``."""
+        return self.inplace_ok
+
+    def backward_state_bytes(self, attrs: dict, in_types: list[TensorType],
+                             out_types: list[TensorType]) -> int:
+        """Bytes ``forward`` keeps in ``ctx.state`` for ``backward`` (Dropout's mask,
+        BatchNorm's batch variance): memory held from the forward to the backward of this
+        node, besides the values it reads."""
+        return 0
+
     def backward(self, attrs: dict, inputs: list[np.ndarray], params: list[np.ndarray],
                  outputs: list[np.ndarray | None], grad_outputs: list[np.ndarray | None],
                  need_inputs: list[bool], need_params: list[bool],

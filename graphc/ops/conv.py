@@ -297,6 +297,10 @@ class _ConvBase(Op):
             outs.append(y.reshape(geo.out_shape()).astype(np.float32, copy=False))
         return outs
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """The bottoms only for the weight gradient (``dx`` needs W and dy alone)."""
+        return [bool(need_params[0])] * len(need_inputs), [False] * n_outputs
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Per bottom i (top i's gradient dy): Convolution ``dx = col2im(W^T dy)``,

@@ -110,6 +110,19 @@ class Eltwise(Op):
     def backward_uses_outputs(self, attrs):
         return attrs["operation"] == "PROD" and not attrs.get("stable_prod_grad", True)
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """SUM: nothing; MAX: every bottom (the argmax); PROD: the other bottoms of each
+        needed one (``stable_prod_grad``), else the top and the needed bottoms."""
+        op, need = attrs["operation"], [bool(b) for b in need_inputs]
+        if op == "SUM":
+            return [False] * len(need), [False]
+        if op == "MAX":
+            return [True] * len(need), [False]
+        if attrs.get("stable_prod_grad", True):
+            return [any(nd for j, nd in enumerate(need) if j != i)
+                    for i in range(len(need))], [False]
+        return need, [any(need)]
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Caffe: PROD gives ``dy *`` the product of the other bottoms
@@ -270,6 +283,12 @@ class Scale(Op):
             y = _apply(y, rest[0], attrs["axis"], np.add)
         return [np.asarray(y, dtype=x.dtype)]
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """x only for the scale's gradient; a scale bottom only for x's gradient."""
+        if len(need_inputs) == 2:
+            return [bool(need_inputs[1]), bool(need_inputs[0])], [False]
+        return [bool(need_params[0])], [False]
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Caffe: ``dx = dy * scale``; ``dscale = sum(dy * x)`` and ``dbias = sum(dy)``
@@ -337,6 +356,9 @@ class Bias(Op):
         x = inputs[0]
         bias = inputs[1] if len(inputs) == 2 else params[0]
         return [np.asarray(_apply(x, bias, attrs["axis"], np.add), dtype=x.dtype)]
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False] * len(need_inputs), [False]    # shapes only
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):

@@ -92,6 +92,10 @@ class InnerProduct(Op):
             y += np.asarray(params[1], dtype=np.float32)
         return [y.reshape(x.shape[:axis] + (n,))]
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """X only for the weight gradient (``dX = dY W`` needs no X)."""
+        return [bool(need_params[0])], [False]
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """With X (M, K) and dY (M, N): ``dW = dY^T X`` (``X^T dY`` with transpose),
@@ -175,6 +179,10 @@ class Embed(Op):
 
     def grad_inputs(self, attrs, n_inputs):
         return [False]   # Caffe: "Can't backpropagate to EmbedLayer input"
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """The indices only for the weight gradient."""
+        return [bool(need_params[0])], [False]
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):

@@ -204,17 +204,27 @@ class BatchNorm(Op):
             params[2][...] = params[2] * maf + np.float32(1.0)
             params[0][...] = mean + maf * params[0]
             params[1][...] = corr * var + maf * params[1]
+            ctx.state["var"] = var      # for backward (Caffe keeps variance_ too)
         y = (x3 - mean[None, :, None]) / np.sqrt(var + eps)[None, :, None]
         return [y.reshape(x.shape).astype(np.float32, copy=False)]
 
     def backward_uses_outputs(self, attrs):
         return not attrs.get("use_global_stats", True)
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """Global statistics: nothing (the variance is a param); batch statistics: the
+        top, with the batch variance the forward kept in ``ctx.state`` -- not x."""
+        return [False], [self.backward_uses_outputs(attrs)]
+
+    def backward_state_bytes(self, attrs, in_types, out_types):
+        return 0 if attrs.get("use_global_stats", True) else 4 * _bn_channels(in_types[0].shape)
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Caffe: with global statistics ``dx = dy / sqrt(var + eps)``; with batch
         statistics ``dx = (dy - mean(dy) - mean(dy * y) * y) / sqrt(var + eps)``, the means
-        per channel over batch and space (y: the top).  The statistics blobs get no
+        per channel over batch and space (y: the top; var: the forward's batch variance,
+        from ``ctx.state``).  The statistics blobs get no
         gradient (lr_mult 0)."""
         x, dy = inputs[0], grad_outputs[0]
         none = [None] * len(params)
@@ -233,8 +243,10 @@ class BatchNorm(Op):
             var = factor * params[1].astype(dt)
             dx = dy3 / np.sqrt(var + eps)[None, :, None]
             return [dx.reshape(x.shape).astype(dt, copy=False)], none
-        mean = x3.mean(axis=(0, 2), dtype=np.float64).astype(dt)
-        var = np.square(x3 - mean[None, :, None], dtype=np.float64).mean(axis=(0, 2)).astype(dt)
+        if "var" not in ctx.state:
+            raise OpError("BatchNorm backward found no batch variance: the forward pass of "
+                          "this layer has not run", hint="run forward before backward")
+        var = np.asarray(ctx.state["var"]).astype(dt)
         y3 = outputs[0].reshape(x3.shape)
         m = dt.type(x3.shape[0] * x3.shape[2])
         mean_dy = dy3.sum(axis=(0, 2), dtype=dt) / m
@@ -285,6 +297,11 @@ class MVN(Op):
 
     def backward_uses_outputs(self, attrs):
         return attrs.get("normalize_variance", True)
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """Mean only: nothing (``dx = dy - mean(dy)``); with the variance: x and the top."""
+        v = bool(attrs.get("normalize_variance", True))
+        return [v], [v]
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):

@@ -277,6 +277,17 @@ class Pooling(Op):
                                     ctx.state if train else None)]
         raise OpError(f"unknown pooling method {method!r}")
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """MAX finds the argmax again in x; AVE and STOCHASTIC (its draw is in
+        ``ctx.state``) need x's shape only."""
+        return [attrs["pool"] == "MAX"], [False] * n_outputs
+
+    def backward_state_bytes(self, attrs, in_types, out_types):
+        """STOCHASTIC in training keeps the drawn position of every top element (Caffe's
+        ``rand_idx_``, one 4-byte value each)."""
+        train = attrs["pool"] == "STOCHASTIC" and attrs.get("train")
+        return 4 * out_types[0].numel if train else 0
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Caffe's Backward_cpu (the mask top, if any, gets no gradient): MAX routes to

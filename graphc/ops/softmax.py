@@ -41,6 +41,12 @@ class Softmax(Op):
     def backward_uses_outputs(self, attrs):
         return True
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [True]
+
+    def backward_inplace_ok(self, attrs):
+        return True     # the row sums first, then elementwise
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Caffe: ``dx = (dy - sum(dy * y along axis)) * y``."""
@@ -274,6 +280,10 @@ class Reduction(Op):
             coeff = np.float32(coeff / np.float32(dim))   # Caffe: coeff_ /= dim in float
         r = (v.sum(axis=1) * np.float64(coeff)).astype(np.float32)
         return [r.reshape(x.shape[:axis])]
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """x only for ASUM (its signs) and SUMSQ."""
+        return [attrs.get("operation", "SUM") in ("ASUM", "SUMSQ")], [False]
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):

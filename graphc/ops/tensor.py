@@ -73,6 +73,9 @@ class Concat(Op):
         axis = canonical_axis(attrs["axis"], inputs[0].ndim)
         return [np.concatenate(inputs, axis=axis).astype(np.float32, copy=False)]
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False] * len(need_inputs), [False]    # shapes only
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Each bottom gets its slab of the top's gradient."""
@@ -159,6 +162,9 @@ class Slice(Op):
         return [np.ascontiguousarray(p, dtype=np.float32)
                 for p in np.split(x, cuts, axis=axis)]
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [False] * n_outputs           # shapes only
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """The tops' gradients put back side by side (zeros for a top without one)."""
@@ -198,6 +204,12 @@ class Split(Op):
         return [np.array(inputs[0], dtype=np.float32, copy=True)
                 for _ in range(int(attrs["num_top"]))]
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [False] * n_outputs
+
+    def backward_inplace_ok(self, attrs):
+        return True     # an elementwise sum of the tops' gradients
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """Caffe sums the tops' gradients in top order."""
@@ -231,6 +243,12 @@ class _NewShape(Op):
     def forward(self, attrs, inputs, params, ctx):
         x = inputs[0]
         return [np.array(x, dtype=np.float32).reshape(self.out_shape(attrs, x.shape))]
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [False]
+
+    def backward_inplace_ok(self, attrs):
+        return True     # the same elements in the same order
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
@@ -396,6 +414,9 @@ class Crop(Op):
     def grad_inputs(self, attrs, n_inputs):
         return [True, False]   # bottom 1 only gives a shape
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False] * len(need_inputs), [False]    # shapes only
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """The top's gradient at the crop window of bottom 0, zeros elsewhere."""
@@ -464,6 +485,9 @@ class Tile(Op):
         reps = [1] * x.ndim
         reps[axis] = tiles
         return [np.tile(x, reps).astype(np.float32, copy=False)]
+
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        return [False], [False]
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):

@@ -13,6 +13,9 @@ What it computes, following Caffe's Net::Init/Backward:
   needs one: the graph inputs (data) need none unless ``force_backward``;
 * nodes that cannot reach a loss, or whose inputs and params need no gradient, are
   skipped; ops that are not differentiable (Accuracy, ArgMax, ...) stop gradients;
+* a Grad node reads only the forward inputs and outputs its op's backward needs
+  (``Op.backward_reads``: e.g. not a convolution's input when its weights are frozen, only
+  the top of a ReLU or Sigmoid), so the others die after the forward pass;
 * a value read by several nodes (or twice by one) and a param shared by several layers
   accumulate: their partial gradients are added by a ``Sum`` node, like Caffe's Split
   layers and shared param diffs.
@@ -26,13 +29,13 @@ blob is its own value.
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 from ..errors import GraphcError
 from ..ir.graph import Graph, Node
 from ..ops import get_op
 from ..ops.base import Op
+from ..ops.grad import grad_node_attrs
 from . import register_pass
 from .util import fresh_name
 
@@ -174,14 +177,13 @@ def autodiff(g: Graph) -> Graph:
                 b.seed(o, loss_weight[o])
             grads.append(k)
             grad_vals.append(b.finish_value(o, n.loc))
-        used = list(range(len(n.outputs))) if op.backward_uses_outputs(n.attrs) else []
         outs = [b.partial(v, False) for v, need in zip(n.inputs, need_in) if need]
         outs += [b.partial(p, True) for p, need in zip(n.params, need_p) if need]
-        attrs = {"op": n.op, "attrs": copy.deepcopy(n.attrs), "node": n.name,
-                 "need_inputs": need_in, "need_params": need_p, "outputs": used,
-                 "grads": grads, "num_outputs": len(n.outputs)}
+        attrs = grad_node_attrs(op, n.attrs, n.name, [g.types[v] for v in n.inputs],
+                                len(n.outputs), need_in, need_p, grads)
         node = Node("Grad", b._fresh_node(f"{n.name}@grad"),
-                    [*n.inputs, *(n.outputs[k] for k in used), *grad_vals], outs,
+                    [*(n.inputs[i] for i in attrs["inputs"]),
+                     *(n.outputs[k] for k in attrs["outputs"]), *grad_vals], outs,
                     list(n.params), attrs, n.loc)
         b._emit(node, [g.types[o] for o in outs])
         for p, need in zip(n.params, need_p):

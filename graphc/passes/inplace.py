@@ -3,13 +3,15 @@
 A node gets ``inplace: k`` (its output reuses input k's buffer) when
 
 * the op may alias that position: input 0 of an elementwise op (``inplace_ok``), any
-  bottom of an Eltwise, or what ``Fused.inplace_inputs`` allows (e.g. the shortcut of a
-  fused conv + Eltwise SUM);
+  bottom of an Eltwise, or what the op's ``inplace_inputs`` allows (e.g. the shortcut of
+  a fused conv + Eltwise SUM; for a Grad node with an elementwise backward, the top's
+  gradient or a forward value of the same size);
 * input k has the output's size and dtype and the node reads it once;
 * nothing sharing input k's buffer (views, earlier in-place values, Concat slices; see
   passes/alias.py) is a graph input or output, or is read after this node, or is another
   input of this node;
-* the node has one output and that output is not a Concat slice.
+* the node has one output (a Grad node: its first, an input's gradient) and that output
+  is not a Concat slice.
 
 Only attributes change: values keep their names, and ``Graph.blob_of`` keeps the Caffe
 blob names, so a layer the user wrote in place (``conv1~relu1``, blob ``conv1``) still
@@ -25,10 +27,13 @@ from .alias import alias_parents, last_use_times, root_of
 
 
 def candidates(g: Graph, n: Node) -> list[int]:
-    """Input positions node n's output may overwrite, by the op's rule alone."""
-    if n.op == "Fused":
-        return get_op("Fused").inplace_inputs(n.attrs, [g.types[v] for v in n.inputs],
-                                              [g.params[p].type for p in n.params])
+    """Input positions node n's output may overwrite, by the op's rule alone (ops that
+    need the types to tell -- Fused, and the backward graph's Grad and Recompute -- have
+    an ``inplace_inputs`` method)."""
+    op = get_op(n.op)
+    if hasattr(op, "inplace_inputs"):
+        return op.inplace_inputs(n.attrs, [g.types[v] for v in n.inputs],
+                                 [g.params[p].type for p in n.params])
     return alias_positions(n.op, n.attrs, len(n.inputs))
 
 
@@ -45,7 +50,10 @@ def inplace(g: Graph) -> Graph:
     protected = set(g.inputs) | set(g.outputs)
 
     for i, n in enumerate(g.nodes):
-        if len(n.outputs) != 1 or "inplace" in n.attrs or n.outputs[0] in parents:
+        # a Grad node's first output (an input's gradient) may alias; its others not
+        many = len(n.outputs) > 1 and n.op == "Grad"
+        if (len(n.outputs) != 1 and not many) or "inplace" in n.attrs \
+                or n.outputs[0] in parents:
             continue
         out = g.types[n.outputs[0]]
         roots = [root_of(v, parents)[0] for v in n.inputs]

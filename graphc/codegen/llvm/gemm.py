@@ -47,7 +47,6 @@ from graphc.errors import GraphcError
 
 F32 = ir.FloatType()
 I1 = ir.IntType(1)
-I8 = ir.IntType(8)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 PTR = ir.PointerType()
@@ -407,8 +406,8 @@ class GemmGenerator:
         c, vt = self.cfg, self.vt
         for r in range(c.mr):
             # row 0 always exists; the others only where mr says so (bottom edge of C)
-            guard = b.if_then(b.icmp_signed("<", i64(r), a["mr"]), likely=True) if r else nullcontext()
-            with guard:
+            in_c = b.icmp_signed("<", i64(r), a["mr"])
+            with b.if_then(in_c, likely=True) if r else nullcontext():
                 self._store_row(b, a, res[r], r, load_c, do_epi, masks)
 
     def _store_row(self, b, a, acc, r, load_c, do_epi, masks):
@@ -451,7 +450,8 @@ class GemmGenerator:
                     rowp = [_addr(b, F32, src, b.mul(i64(r), a["lda"])) for r in range(MR)]
                     with _for(b, 0, a["kc"], name="k") as k:
                         for r in range(MR):
-                            _store(b, _load(b, F32, rowp[r], k), dst, b.add(b.mul(k, i64(MR)), i64(r)))
+                            x = _load(b, F32, rowp[r], k)
+                            _store(b, x, dst, b.add(b.mul(k, i64(MR)), i64(r)))
                 with otherwise:
                     with _for(b, 0, a["kc"], name="k") as k:
                         with _for(b, 0, i64(MR), name="r") as r:
@@ -617,7 +617,7 @@ def num_threads() -> int:
             n = 0
         if n < 1:
             raise GraphcError(f"GRAPHC_NUM_THREADS={env!r} is not a positive integer",
-                              hint="set GRAPHC_NUM_THREADS to a thread count such as 2, or unset it")
+                              hint="set GRAPHC_NUM_THREADS to a thread count, or unset it")
         return n
     try:
         return len(os.sched_getaffinity(0))

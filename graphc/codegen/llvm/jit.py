@@ -111,7 +111,8 @@ def _parse(module_ir: str, t: Target) -> llvm.ModuleRef:
         mod.verify()
     except RuntimeError as e:
         raise GraphcError(f"generated LLVM IR is invalid: {e}",
-                          hint="this is a bug in graphc's code generator; please report it") from None
+                          hint="this is a bug in graphc's code generator; please report it") \
+            from None
     mod.triple = t.triple
     return mod
 

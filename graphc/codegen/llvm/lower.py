@@ -179,7 +179,7 @@ class KernelContext:
         """The current step needs ``nbytes`` of per-thread scratch."""
         self.scratch_bytes = max(self.scratch_bytes, _align(nbytes))
 
-    def temp(self, nbytes: int, slot: int = 0) -> int:
+    def temp(self, nbytes: int, slot="") -> int:
         """Arena offset of temporary buffer ``slot`` of the current node (past the planned
         activations; the slots of one node do not overlap, nodes reuse the region)."""
         key = (self.node_index, slot)

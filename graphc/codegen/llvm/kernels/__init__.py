@@ -40,6 +40,10 @@ def supported(g: Graph, n: Node) -> tuple[str, str] | None:
     body = _node_body(n)
     if n.op in VIEW_OPS:
         return None
+    if n.op == "Python":
+        return ("a Python layer runs Python code, which a compiled library cannot",
+                "run this net with the reference executor (backend='reference'), or "
+                "replace the layer by built-in layers")
     if not n.inputs:
         return (f"a {n.op} layer produces data by itself (reads a file or draws numbers), "
                 f"which a compiled net cannot do",
@@ -122,7 +126,7 @@ def lower_anchored(k, n: Node, body: list[dict]) -> None:
     # the anchor into a temporary, then the tail as a pointwise kernel reading it
     anchor_shape = family.out_shape(k, n, anchor)
     nbytes = 4 * int(__import__("math").prod(anchor_shape))
-    tmp = k.temp(nbytes)
+    tmp = k.temp(nbytes, "anchor")
     family.lower(k, n, anchor, [], [], tmp)
     pointwise.emit_pointwise_kernel(k, k.step_name(n.name + "_tail"), steps, k.loc(out),
                                     tensors + [tmp], shape, prev_tensor=len(tensors))

@@ -4,14 +4,13 @@ For image n and group g, Caffe's convolution is the matrix product
 
     Y[n, g] (Og x P) = W[g] (Og x K) @ cols (K x P),   K = Cg * KH * KW, P = OH * OW
 
-where ``cols`` is im2col of the group's input channels.  The work is cut into items
-(image, group, block of Pb output pixels, block of Mb output channels), split evenly
-among the parts.  For its item a part writes the columns of its pixel block into its
-own scratch (a 1x1 convolution with stride 1 and no padding reads the input directly:
-it already is the column matrix) and calls the packed, register-blocked SGEMM
-(gemm.py) on it, single-threaded, with an epilogue that adds the bias and computes the
-fused tail (ReLU, a residual add, ...) on each register tile.  Consecutive items of
-one part share the pixel block, so the columns are built once per block.
+where ``cols`` is im2col of the group's input channels.  A node is two steps: one
+writes the columns of a chunk of images into a temporary region of the arena (its
+parts split (image, channel, pixel block) items), the next runs the packed,
+register-blocked SGEMM (gemm.py) on them, each product split among the parts by the
+GEMM itself (whole register tiles of rows or columns), with an epilogue that adds the
+bias and computes the fused tail (ReLU, a residual add, ...) on each register tile.  A
+1x1 convolution with stride 1 and no padding needs no columns: its input is the matrix.
 
 When the fused tail adds a residual that the output overwrites in place, the GEMM
 accumulates onto the output (which holds the residual) instead of reading it in the
@@ -30,6 +29,7 @@ from llvmlite import ir
 from ....ops.conv import Geometry
 from ..irutil import F32, I32, I64, PTR, VOID, ceil_div, floor_div, fptr, get, i64, imax, \
     imin, load, loop, memset0, new_function, part_range, step_function, store, var
+from . import linear
 from .epilogue import ProgramEpilogue
 from .pointwise import FlatSite, channel_structure, emit_program
 
@@ -72,6 +72,13 @@ def lower(k, n, anchor, steps, tensors, out_off):
     cg, og = geo.channels // geo.group, geo.num_output // geo.group
     if cg == 1 and og == 1:
         return _depthwise(k, n, geo, k.loc(x), params, steps, tensors, out_off)
+    if geo.group == 1 and math.prod(geo.spatial) == 1 and all(v == 1 for v in geo.kernel) \
+            and not any(geo.pad) and geo.num <= linear.SMALL_M:
+        # a 1x1 convolution of a 1x1 image (MobileNet's classifier) is an inner product
+        return linear.gemv(k, n, k.loc(x), k.param_src(params[0]),
+                           k.param_src(params[1]) if bias else None, geo.num,
+                           geo.channels, geo.num_output,
+                           geo.out_shape(), steps, tensors, out_off)
     dim, inner = channel_structure(geo.out_shape())
     alias = [j for j, off in enumerate(tensors) if off == out_off]
     skip, accumulate = set(), False
@@ -103,40 +110,10 @@ def _accumulates(steps, j) -> bool:
 # ---------------------------------------------------------------------------------------
 # GEMM convolution
 
-
-def choose_blocks(ng: int, m: int, p: int, kdim: int, cfg, target_items: int = 48,
-                  min_item_flops: float = 2e6) -> tuple[int, int]:
-    """(Mb, Pb): output channels and pixels per item.  Pixel blocks of whole NR-tiles, at
-    most 1024 and with an im2col block of at most 2 MiB; then the blocks are halved (the
-    relatively larger dimension first) until there are ``target_items`` items or an item
-    would fall below ``min_item_flops``."""
-    nr, mr = cfg.nr, cfg.mr
-
-    def rup(x, u):
-        return max(u, -(-x // u) * u)
-
-    cap = max(nr, (2 * MIB // (4 * max(kdim, 1))) // nr * nr)
-    npb, nmb = max(1, -(-p // min(rup(p, nr), 1024, cap))), 1
-
-    def shape(npb, nmb):
-        pb = min(p, rup(-(-p // npb), nr))
-        mb = min(m, rup(-(-m // nmb), mr))
-        return mb, pb, ng * (-(-p // pb)) * (-(-m // mb))
-
-    mb, pb, items = shape(npb, nmb)
-    while items < target_items:
-        can_p, can_m = pb >= 4 * nr, mb >= 4 * mr
-        if can_p and (not can_m or pb / nr >= mb / mr):
-            cand = (npb * 2, nmb)
-        elif can_m:
-            cand = (npb, nmb * 2)
-        else:
-            break
-        mb2, pb2, items2 = shape(*cand)
-        if 2.0 * mb2 * pb2 * kdim < min_item_flops or items2 <= items:
-            break
-        (npb, nmb), (mb, pb, items) = cand, (mb2, pb2, items2)
-    return mb, pb
+#: bytes of image columns built per im2col step (at least one image's)
+COLS_BUDGET = 16 * MIB
+#: pixels per im2col work item
+COL_BLOCK = 2048
 
 
 def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
@@ -145,65 +122,70 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     Cg, Og = C // G, O // G
     K, P, HW = Cg * KH * KW, OH * OW, H * W
     direct = KH == KW == 1 and SH == SW == 1 and PH == PW == 0
-    cfg = k.gemm_config
-    mb, pb = choose_blocks(N * G, Og, P, K, cfg)
-    MB, PB = -(-Og // mb), -(-P // pb)
-    T = N * G * PB * MB
-    gemm = k.gemm(epi)
-    ws_bytes = k.gemm_workspace_bytes()
-    k.need_scratch(ws_bytes + (0 if direct else 4 * K * pb))
+    k.need_scratch(k.gemm_workspace_bytes())
     w_src = k.param_src(params[0])
     b_src = k.param_src(params[1]) if epi.bias else None
-    im2col = None if direct else k.helper("gk_im2col", _make_im2col)
+    per_image = 4 * G * K * P
+    chunk = N if direct else max(1, min(N, COLS_BUDGET // max(per_image, 1)))
+    cols = None if direct else k.temp(chunk * per_image, "im2col")
+    for first in range(0, N, chunk):
+        imgs = min(chunk, N - first)
+        if not direct:
+            _im2col_step(k, n, x_off, cols, first, imgs, geo)
+        fn, b, a = step_function(k.mod, k.step_name(n.name))
+        xp = k.ptr(b, a, _arena(x_off))
+        cp = k.ptr(b, a, _arena(cols)) if cols is not None else None
+        yp = k.ptr(b, a, _arena(out_off))
+        wp = k.ptr(b, a, w_src)
+        bp = k.ptr(b, a, b_src) if b_src else None
+        chp = [k.ptr(b, a, c.src) for c in epi.chans]
+        tp = {j: k.ptr(b, a, _arena(tensors[j])) for j in epi.tensors}
+        gemm = k.gemm(epi)
+        for i in range(imgs):          # the GEMM splits each product among the parts
+            img = first + i
+            for g in range(G):
+                ch0 = g * Og
+                if direct:
+                    bmat = fptr(b, xp, (img * C + g * Cg) * HW)
+                else:
+                    bmat = fptr(b, cp, (i * G + g) * K * P)
+                coff = (img * O + ch0) * P
+                extra = [fptr(b, bp, ch0)] if bp is not None else []
+                extra += [p if c.dim == 1 else fptr(b, p, ch0) for c, p in zip(epi.chans, chp)]
+                extra += [fptr(b, tp[j], coff) for j in epi.tensors]
+                if epi.tensors:
+                    extra.append(i64(P))
+                b.call(gemm, [i64(Og), i64(P), i64(K), fptr(b, wp, ch0 * K), i64(K), bmat,
+                              i64(P), fptr(b, yp, coff), i64(P),
+                              ir.Constant(I32, int(accumulate)), a["part"], a["nparts"],
+                              a["scratch"], *extra])
+        b.ret_void()
+        k.add_step(fn.name, 2 * imgs * O * P * K)
 
-    fn, b, a = step_function(k.mod, k.step_name(n.name))
+
+def _im2col_step(k, n, x_off, cols, first, imgs, geo):
+    """A step writing the column matrices (G x K x P each) of images first..first+imgs
+    to the arena at ``cols``; its items are (image, input channel, pixel block)."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    C, P = geo.channels, OH * OW
+    im2col = k.helper("gk_im2col", _make_im2col)
+    nblk = -(-P // COL_BLOCK)
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_im2col"))
     xp = k.ptr(b, a, _arena(x_off))
-    yp = k.ptr(b, a, _arena(out_off))
-    wp = k.ptr(b, a, w_src)
-    bp = k.ptr(b, a, b_src) if b_src else None
-    chp = [k.ptr(b, a, c.src) for c in epi.chans]
-    tp = {j: k.ptr(b, a, _arena(tensors[j])) for j in epi.tensors}
-    ws = a["scratch"]
-    col = fptr(b, ws, ws_bytes // 4)
-    lo, hi = part_range(b, T, a["part"], a["nparts"])
-    last = var(b, i64(-1), "last")
+    cp = k.ptr(b, a, _arena(cols))
+    lo, hi = part_range(b, imgs * C * nblk, a["part"], a["nparts"])
     with loop(b, lo, hi, name="t") as t:
-        m_i = b.urem(t, i64(MB))
-        r = b.udiv(t, i64(MB))
-        p_i = b.urem(r, i64(PB))
-        ng = b.udiv(r, i64(PB))
-        img = b.udiv(ng, i64(G))
-        grp = b.urem(ng, i64(G))
-        p0 = b.mul(p_i, i64(pb))
-        plen = imin(b, i64(pb), b.sub(i64(P), p0))
-        m0 = b.mul(m_i, i64(mb))
-        mlen = imin(b, i64(mb), b.sub(i64(Og), m0))
-        c0 = b.add(b.mul(img, i64(C)), b.mul(grp, i64(Cg)))          # first input channel
-        src = fptr(b, xp, b.mul(c0, i64(HW)))
-        if direct:
-            bmat, ldb = fptr(b, src, p0), i64(HW)
-        else:
-            with b.if_then(b.icmp_signed("!=", r, get(b, last))):
-                b.call(im2col, [src, col, i64(Cg), i64(H), i64(W), i64(KH), i64(KW), i64(SH),
-                                i64(SW), i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), p0, plen])
-                b.store(r, last)
-            bmat, ldb = col, plen
-        ch0 = b.add(b.mul(grp, i64(Og)), m0)                         # first output channel
-        coff = b.add(b.mul(b.add(b.mul(img, i64(O)), ch0), i64(P)), p0)
-        extra = []
-        if bp is not None:
-            extra.append(fptr(b, bp, ch0))
-        for c, p in zip(epi.chans, chp):
-            extra.append(p if c.dim == 1 else fptr(b, p, ch0))
-        for j in epi.tensors:
-            extra.append(fptr(b, tp[j], coff))
-        if epi.tensors:
-            extra.append(i64(P))
-        b.call(gemm, [mlen, plen, i64(K), fptr(b, wp, b.mul(ch0, i64(K))), i64(K), bmat, ldb,
-                      fptr(b, yp, coff), i64(P), ir.Constant(I32, int(accumulate)), i64(0),
-                      i64(1), ws, *extra])
+        blk = b.urem(t, i64(nblk))
+        plane = b.udiv(t, i64(nblk))                 # (image in chunk, channel)
+        p0 = b.mul(blk, i64(COL_BLOCK))
+        plen = imin(b, i64(COL_BLOCK), b.sub(i64(P), p0))
+        src = fptr(b, xp, b.mul(b.add(plane, i64(first * C)), i64(H * W)))
+        # channel c's rows start at row c * KH * KW of the columns (groups are contiguous)
+        dst = fptr(b, cp, b.add(b.mul(plane, i64(KH * KW * P)), p0))
+        b.call(im2col, [src, dst, i64(1), i64(H), i64(W), i64(KH), i64(KW), i64(SH), i64(SW),
+                        i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), p0, plen, i64(P)])
     b.ret_void()
-    k.add_step(fn.name, 2 * N * O * P * K)
+    k.add_step(fn.name, imgs * C * KH * KW * P // 4)
 
 
 def _arena(off):
@@ -223,11 +205,11 @@ def _valid_range(b, start, step: int, lo_bound, hi_bound, n_out):
 
 
 def _make_im2col(mod, name):
-    """cols[kk][j] (row length plen) for kk = (c, kh, kw) and output pixels p0 + j:
-    the input at (c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW), 0 outside the image."""
+    """dst[kk * ldd + j] for kk = (c, kh, kw) and output pixels p0 + j, j < plen: the
+    input at (c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW), 0 outside the image."""
     args = [("src", PTR), ("dst", PTR), ("C", I64), ("H", I64), ("W", I64), ("KH", I64),
             ("KW", I64), ("SH", I64), ("SW", I64), ("PH", I64), ("PW", I64), ("DH", I64),
-            ("DW", I64), ("OW", I64), ("p0", I64), ("plen", I64)]
+            ("DW", I64), ("OW", I64), ("p0", I64), ("plen", I64), ("ldd", I64)]
     fn, b, a = new_function(mod, name, args, internal=True)
     for i in (0, 1):
         fn.args[i].add_attribute("noalias")
@@ -240,7 +222,7 @@ def _make_im2col(mod, name):
         plane = fptr(b, a["src"], b.mul(c, b.mul(H, W)))
         with loop(b, 0, a["KH"], name="kh") as kh:
             with loop(b, 0, a["KW"], name="kw") as kw:
-                row = fptr(b, a["dst"], b.mul(get(b, kk), plen))
+                row = fptr(b, a["dst"], b.mul(get(b, kk), a["ldd"]))
                 iw0 = b.sub(b.mul(kw, a["DW"]), a["PW"])        # input column of ow = 0
                 with loop(b, oh0, oh1, name="oh") as oh:
                     ow_a = imax(b, b.sub(p0, b.mul(oh, OW)), i64(0))
@@ -288,46 +270,90 @@ def _valid_range_rt(b, start, step, size, n_out):
 
 
 def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
+    """Per plane: the bias, then every tap's ``w * x`` added over the output positions
+    it reaches, in the plane's scratch accumulator; then the tail on the way out.
+
+    Stride 1 with "same" width (MobileNet's 3x3, pad 1): a tap is a constant shift of
+    the flattened plane, so it is one long vectorizable loop; the output columns whose
+    window leaves the image horizontally (the shift wrapped them into the next row) are
+    then recomputed with bounds checks.  Otherwise row by row, each tap over the columns
+    where it is inside the image."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     N, C = geo.num, geo.channels
     P, HW = OH * OW, H * W
     dim, inner = channel_structure(geo.out_shape())
     w_src = k.param_src(params[0])
     b_src = k.param_src(params[1]) if len(params) > 1 else None
-    k.need_scratch(4 * OW)
+    flat = SH == SW == 1 and OW == W
+    k.need_scratch(4 * P)
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp = k.ptr(b, a, _arena(x_off))
     yp = k.ptr(b, a, _arena(out_off))
     wp = k.ptr(b, a, w_src)
     bp = k.ptr(b, a, b_src) if b_src else None
     acc = a["scratch"]
+    taps = [(kh, kw, kh * DH - PH, kw * DW - PW) for kh in range(KH) for kw in range(KW)]
+
+    def add_tap(wv, src_ptr, dst_ptr, lo, hi, step_x):
+        """dst[o] += wv * src[o * step_x] for o in [lo, hi)."""
+        with loop(b, lo, hi, name="tap") as o:
+            xv = load(b, src_ptr, b.mul(o, i64(step_x)) if step_x != 1 else o)
+            pa = fptr(b, dst_ptr, o)
+            b.store(b.fadd(b.load(pa, typ=F32), b.fmul(wv, xv)), pa)
+
     lo, hi = part_range(b, N * C, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as plane:
         c = b.urem(plane, i64(C))
         src = fptr(b, xp, b.mul(plane, i64(HW)))
         wc = fptr(b, wp, b.mul(c, i64(KH * KW)))
         init = load(b, bp, c) if bp is not None else ir.Constant(F32, 0.0)
-        with loop(b, 0, OH, name="oh") as oh:
-            with loop(b, 0, OW, name="fill") as ow:
-                store(b, init, acc, ow)
-            for kh in range(KH):
-                ih = b.add(b.mul(oh, i64(SH)), i64(kh * DH - PH))
-                inside = b.and_(b.icmp_signed(">=", ih, i64(0)), b.icmp_signed("<", ih, i64(H)))
-                with b.if_then(inside):
-                    src_row = fptr(b, src, b.mul(ih, i64(W)))
-                    for kw in range(KW):
-                        iw0 = kw * DW - PW
-                        o_lo, o_hi = _valid_range(b, i64(iw0), SW, i64(0), i64(W), i64(OW))
-                        wv = load(b, wc, kh * KW + kw)
-                        with loop(b, o_lo, o_hi, name="tap") as ow:
-                            xv = load(b, src_row, b.add(b.mul(ow, i64(SW)), i64(iw0)))
-                            pa = fptr(b, acc, ow)
-                            b.store(b.fadd(b.load(pa, typ=F32), b.fmul(wv, xv)), pa)
-            obase = b.add(b.mul(plane, i64(P)), b.mul(oh, i64(OW)))
-            with loop(b, 0, OW, name="out") as ow:
-                i = b.add(obase, ow)
-                site = FlatSite(b, k, a, tensors, i, c, dim, inner)
-                y = emit_program(site, steps, load(b, acc, ow))
-                store(b, y, yp, i)
+        with loop(b, 0, P, name="fill") as i:
+            store(b, init, acc, i)
+        if flat:
+            for kh, kw, dh, dw in taps:
+                shift = dh * W + dw
+                i_lo = max(max(0, -dh) * OW, -shift)
+                i_hi = min(min(OH, H - dh) * OW, HW - shift)
+                if i_lo < i_hi:
+                    add_tap(load(b, wc, kh * KW + kw), fptr(b, src, shift), acc, i64(i_lo),
+                            i64(i_hi), 1)
+            # columns some tap reaches past the left or right edge: recompute exactly
+            edge = sorted({ow for ow in range(OW) for _, _, _, dw in taps
+                           if not 0 <= ow + dw < W})
+            if edge:
+                with loop(b, 0, OH, name="eoh") as oh:
+                    for ow in edge:
+                        slot = fptr(b, acc, b.add(b.mul(oh, i64(OW)), i64(ow)))
+                        total = var(b, init, "edge")
+                        for kh, kw, dh, dw in taps:
+                            if not 0 <= ow + dw < W:
+                                continue
+                            ih = b.add(oh, i64(dh))
+                            ok = b.and_(b.icmp_signed(">=", ih, i64(0)),
+                                        b.icmp_signed("<", ih, i64(H)))
+                            with b.if_then(ok):
+                                xv = load(b, src, b.add(b.mul(ih, i64(W)), i64(ow + dw)))
+                                b.store(b.fadd(get(b, total),
+                                               b.fmul(load(b, wc, kh * KW + kw), xv)), total)
+                        b.store(get(b, total), slot)
+        else:
+            with loop(b, 0, OH, name="oh") as oh:
+                arow = fptr(b, acc, b.mul(oh, i64(OW)))
+                for kh in range(KH):
+                    ih = b.add(b.mul(oh, i64(SH)), i64(kh * DH - PH))
+                    inside = b.and_(b.icmp_signed(">=", ih, i64(0)),
+                                    b.icmp_signed("<", ih, i64(H)))
+                    with b.if_then(inside):
+                        src_row = fptr(b, src, b.mul(ih, i64(W)))
+                        for kw in range(KW):
+                            iw0 = kw * DW - PW
+                            o_lo, o_hi = _valid_range(b, i64(iw0), SW, i64(0), i64(W), i64(OW))
+                            add_tap(load(b, wc, kh * KW + kw), fptr(b, src_row, iw0), arow,
+                                    o_lo, o_hi, SW)
+        obase = b.mul(plane, i64(P))
+        with loop(b, 0, P, name="out") as j:
+            i = b.add(obase, j)
+            site = FlatSite(b, k, a, tensors, i, c, dim, inner)
+            store(b, emit_program(site, steps, load(b, acc, j)), yp, i)
     b.ret_void()
     k.add_step(fn.name, 2 * N * C * P * KH * KW)

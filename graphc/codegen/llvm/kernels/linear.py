@@ -57,7 +57,7 @@ def lower(k, n, anchor, steps, tensors, out_off):
         else:
             w_src = k.param_src(params[0])
         b_src = k.param_src(params[1]) if bias else None
-        return _gemv(k, n, k.loc(x), w_src, b_src, M, K, N, oshape, steps, tensors, out_off)
+        return gemv(k, n, k.loc(x), w_src, b_src, M, K, N, oshape, steps, tensors, out_off)
     alias = [j for j, off in enumerate(tensors) if off == out_off]
     skip, accumulate = set(), False
     if alias:
@@ -92,7 +92,8 @@ def lower(k, n, anchor, steps, tensors, out_off):
     k.add_step(fn.name, 2 * M * N * K)
 
 
-def _gemv(k, n, x_off, w_src, b_src, M, K, N, oshape, steps, tensors, out_off):
+def gemv(k, n, x_off, w_src, b_src, M, K, N, oshape, steps, tensors, out_off):
+    """y[m, j] = tail(sum_k x[m, k] * W[j, k] + b[j]) for M (few) rows of x, W (N, K)."""
     dim, inner = channel_structure(oshape)
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp = k.ptr(b, a, Src("arena", x_off))

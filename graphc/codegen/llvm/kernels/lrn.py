@@ -157,7 +157,7 @@ def lower_lrn_pool(k, n, body):
     geo = pool.geometry(pool_step["attrs"], (N, C, H, W))
     OH, OW = geo[2], geo[3]
     fn_lrn = _helper(k, across, beta)
-    plane_fn = pool.plane_function(k, pool_step["attrs"]["pool"])
+    plane_fn = pool.fast_plane_function(k, pool_step["attrs"]["pool"], geo)
     k.need_scratch(4 * HW * (1 if across else 3))
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp = k.ptr(b, a, Src("arena", k.loc(x)))
@@ -174,7 +174,6 @@ def lower_lrn_pool(k, n, body):
             b.call(fn_lrn, [fptr(b, xp, b.mul(p, i64(HW))), s0, fptr(b, s0, HW),
                             fptr(b, s0, 2 * HW), i64(H), i64(W), i64(size), i64(pre),
                             ir.Constant(F32, float(alpha))])
-        pool.call_plane(b, plane_fn, s0, fptr(b, yp, b.mul(p, i64(OH * OW))),
-                        ir.Constant(PTR, None), geo)
+        b.call(plane_fn, [s0, fptr(b, yp, b.mul(p, i64(OH * OW)))])
     b.ret_void()
     k.add_step(fn.name, N * C * (HW * (size + 4) + OH * OW * geo[4] * geo[5]))

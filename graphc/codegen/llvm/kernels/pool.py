@@ -1,7 +1,10 @@
 """Pooling (MAX, AVE; global) over (N, C, H, W), Caffe's geometry and rounding (the
 output size comes from ops/pool.py).  The parts split the N*C planes; one plane is
-pooled by a module-level function with the geometry as arguments (shared by every
-Pooling node and by the fused LRN + Pooling kernel).
+pooled by a module-level function made for its geometry (shared by the Pooling nodes
+and fused LRN + Pooling kernels of that geometry): for every output row it runs over
+the window's input rows, and for the output columns whose windows lie inside the image
+(known at compile time) over the window's columns with no bounds checks, so the loop
+along the output row vectorizes; the border columns clip their windows.
 
 MAX: the window clipped to the image, start value -FLT_MAX, strictly greater wins (the
 first maximum in row-major order; the mask holds its index h * W + w as a float).
@@ -38,8 +41,80 @@ def geometry(attrs, shape):
 
 
 def plane_function(k, method: str, with_mask: bool = False) -> ir.Function:
+    """The generic plane function (geometry as arguments; the mask variant, and the
+    WITHIN_CHANNEL LRN's averaging)."""
     name = f"gk_{method.lower()}pool_plane{'_mask' if with_mask else ''}"
     return k.helper(name, lambda mod, nm: _make_plane(mod, nm, method, with_mask))
+
+
+def fast_plane_function(k, method: str, geo) -> ir.Function:
+    """``f(src, dst)``: one plane pooled with the geometry ``geo`` built in."""
+    name = f"gk_{method.lower()}pool_" + "_".join(map(str, geo))
+    return k.helper(name, lambda mod, nm: _make_fast_plane(mod, nm, method, geo))
+
+
+def _interior(n_in: int, k: int, s: int, p: int, n_out: int) -> tuple[int, int]:
+    """Output positions [lo, hi) whose window [o*s - p, o*s - p + k) is inside [0, n_in)."""
+    lo = min(n_out, -(-p // s))
+    hi = max(lo, min(n_out, (n_in + p - k) // s + 1))
+    return lo, hi
+
+
+def _make_fast_plane(mod, name, method, geo):
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW = geo
+    fn, b, a = new_function(mod, name, [("src", PTR), ("dst", PTR)], internal=True)
+    for i in (0, 1):
+        fn.args[i].add_attribute("noalias")
+    src, dst = a["src"], a["dst"]
+    is_max = method == "MAX"
+    lo, hi = _interior(W, KW, SW, PW, OW)
+
+    def combine(acc, v):
+        if is_max:
+            return b.select(b.fcmp_ordered(">", v, acc), v, acc)
+        return b.fadd(acc, v)
+
+    with loop(b, 0, OH, name="oh") as oh:
+        h0 = b.sub(b.mul(oh, i64(SH)), i64(PH))
+        hs, he = imax(b, h0, 0), imin(b, b.add(h0, i64(KH)), H)
+        drow = fptr(b, dst, b.mul(oh, i64(OW)))
+        init = ir.Constant(F32, -FLT_MAX if is_max else 0.0)
+        with loop(b, 0, OW, name="init") as ow:
+            store(b, init, drow, ow)
+        with loop(b, hs, he, name="h") as h:
+            srow = fptr(b, src, b.mul(h, i64(W)))
+            for a_, z_ in ((0, lo), (hi, OW)):          # border columns: clipped windows
+                with loop(b, a_, z_, name="bw") as ow:
+                    w0 = b.sub(b.mul(ow, i64(SW)), i64(PW))
+                    ws, we = imax(b, w0, 0), imin(b, b.add(w0, i64(KW)), W)
+                    slot = fptr(b, drow, ow)
+                    acc = var(b, b.load(slot, typ=F32), "acc")
+                    with loop(b, ws, we, name="w") as w:
+                        b.store(combine(get(b, acc), load(b, srow, w)), acc)
+                    b.store(get(b, acc), slot)
+            with loop(b, lo, hi, name="iw") as ow:       # interior: no bounds checks
+                base = b.sub(b.mul(ow, i64(SW)), i64(PW))
+                slot = fptr(b, drow, ow)
+                acc = b.load(slot, typ=F32)
+                if KW <= 8:
+                    for kw in range(KW):
+                        acc = combine(acc, load(b, srow, b.add(base, i64(kw))))
+                    b.store(acc, slot)
+                else:
+                    accv = var(b, acc, "accv")
+                    with loop(b, 0, KW, name="kw") as kw:
+                        b.store(combine(get(b, accv), load(b, srow, b.add(base, kw))), accv)
+                    b.store(get(b, accv), slot)
+        if not is_max:   # divide by the window clipped to the padded extent
+            ph = b.sub(imin(b, b.add(h0, i64(KH)), i64(H + PH)), h0)
+            with loop(b, 0, OW, name="div") as ow:
+                w0 = b.sub(b.mul(ow, i64(SW)), i64(PW))
+                pw = b.sub(imin(b, b.add(w0, i64(KW)), i64(W + PW)), w0)
+                size = b.sitofp(b.mul(ph, pw), F32)
+                slot = fptr(b, drow, ow)
+                b.store(b.fdiv(b.load(slot, typ=F32), size), slot)
+    b.ret_void()
+    return fn
 
 
 def _make_plane(mod, name, method, with_mask):
@@ -96,7 +171,8 @@ def lower_pool(k, n):
     H, W, OH, OW = geo[:4]
     planes = shape[0] * shape[1]
     with_mask = len(n.outputs) > 1
-    plane = plane_function(k, n.attrs["pool"], with_mask)
+    plane = plane_function(k, n.attrs["pool"], True) if with_mask else \
+        fast_plane_function(k, n.attrs["pool"], geo)
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp = k.ptr(b, a, Src("arena", k.loc(x)))
     yp = k.ptr(b, a, Src("arena", k.loc(n.outputs[0])))
@@ -105,7 +181,10 @@ def lower_pool(k, n):
     lo, hi = part_range(b, planes, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as p:
         dst_off = b.mul(p, i64(OH * OW))
-        call_plane(b, plane, fptr(b, xp, b.mul(p, i64(H * W))), fptr(b, yp, dst_off),
-                   fptr(b, mp, dst_off) if with_mask else mp, geo)
+        src = fptr(b, xp, b.mul(p, i64(H * W)))
+        if with_mask:
+            call_plane(b, plane, src, fptr(b, yp, dst_off), fptr(b, mp, dst_off), geo)
+        else:
+            b.call(plane, [src, fptr(b, yp, dst_off)])
     b.ret_void()
     k.add_step(fn.name, planes * OH * OW * geo[4] * geo[5])
