@@ -184,8 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds (default 9)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, no 2048 square")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                    help="before each round, wait up to this long for other jobs to finish "
-                         "(for a shared machine)")
+                    help="before each group of timings, wait up to this long for other jobs "
+                         "to finish (for a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gemm.md"))
     args = ap.parse_args(argv)
     rounds = 3 if args.quick else args.repeats
@@ -219,15 +219,20 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     t_start = time.time()
-    busy_rounds = 0
+    busy = [0, 0]  # (waits that timed out, waits)
     _, steal0, total0 = _cpu_times()
+
+    def quiet():
+        if args.wait_idle > 0:
+            busy[1] += 1
+            busy[0] += not wait_idle(args.wait_idle)
     for r in range(rounds):
-        if args.wait_idle > 0 and not wait_idle(args.wait_idle):
-            busy_rounds += 1
+        quiet()
         for w in peak_fns:
             for th in THREADS:
                 add(("peak", w, th), peak.measure_peak(th, width=w, seconds=0.05, repeats=1))
         for shape in shapes:
+            quiet()
             flops = 2.0 * shape[0] * shape[1] * shape[2]
             A, B = data[shape]
             C = outs[shape]
@@ -238,6 +243,7 @@ def main(argv=None) -> int:
         # numpy last: after a call OpenBLAS's threads keep spinning for a while, taking a
         # core from whatever runs next
         for shape in shapes:
+            quiet()
             flops = 2.0 * shape[0] * shape[1] * shape[2]
             for th in THREADS:
                 secs = np_timers[th].seconds(shape, calls_for(flops))
@@ -247,7 +253,7 @@ def main(argv=None) -> int:
     elapsed = time.time() - t_start
     load_after = os.getloadavg()
     _, steal1, total1 = _cpu_times()
-    env = {"load": (load_before[0], load_after[0]), "busy_rounds": busy_rounds,
+    env = {"load": (load_before[0], load_after[0]), "busy": busy,
            "steal": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
            "wait_idle": args.wait_idle}
     numpy_how = np_timers[1].how
@@ -290,8 +296,9 @@ def report(rounds, host, kernels, widths, shapes, med, best, errors, numpy_how,
         "**median (best)** over the rounds; a multiply-add counts 2 flops.",
         f"* Load average before / after: {env['load'][0]:.2f} / {env['load'][1]:.2f}; CPU time "
         f"stolen by the hypervisor during the run: {env['steal']:.1f}%"
-        + (f"; each round waited up to {env['wait_idle']:.0f} s for other jobs to finish "
-           f"({env['busy_rounds']} started busy)" if env["wait_idle"] else "")
+        + (f"; before each group of timings the run waited up to {env['wait_idle']:.0f} s "
+           f"for other jobs to finish ({env['busy'][0]} of {env['busy'][1]} waits timed out)"
+           if env["wait_idle"] else "")
         + ". The machine is a shared VM: other jobs and the host's clock boost move every "
         "figure, which is why the peak is measured in the same rounds.",
         f"* numpy threads: {numpy_how}.",

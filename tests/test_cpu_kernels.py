@@ -168,9 +168,11 @@ layer {{ name: "sum_relu" type: "ReLU" bottom: "sum" top: "sum" }}
     (300, 1, "coeff: 0.5 coeff: 2", '"s" bottom: "b"'),   # coefficients, long K: a temporary
     (20, 1, "coeff: -1 coeff: 1.5", '"s" bottom: "b"'),
 ])
-def test_fused_residual(tmp_path, rng, mid, k, coeff, order):
-    """ResNet's conv + Eltwise SUM + ReLU, the output written over the shortcut."""
-    shapes = {"x": (1, 16, 9, 11)}
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_residual(tmp_path, rng, mid, k, coeff, order, batch):
+    """ResNet's conv + Eltwise SUM + ReLU, the output written over the shortcut (at batch
+    3 the small images go a batch at a time through one GEMM, then into place)."""
+    shapes = {"x": (batch, 16, 9, 11)}
     text = inputs_layer(shapes) + RESIDUAL.format(mid=mid, k=k, pad=k // 2, coeff=coeff,
                                                   order=order)
     net = net_from_text(text, tmp_path, rng=rng)
@@ -229,6 +231,26 @@ def test_inner_product(tmp_path, rng, batch, transpose):
         f'layer {{ name: "relu" type: "ReLU" bottom: "ip" top: "ip" }}\n'
         f'layer {{ name: "ip2" type: "InnerProduct" bottom: "y" top: "ip2" inner_product_param {{ '
         f'num_output: 7 axis: 2 bias_term: false transpose: {t} }} }}\n')
+    check(tmp_path, text, shapes, rng)
+
+
+@pytest.mark.parametrize("batch,k_in", [(2, 300), (16, 300), (16, 40)])
+def test_inner_product_residual(tmp_path, rng, batch, k_in):
+    """InnerProduct + Eltwise SUM + ReLU fused, written over the shortcut (few rows; many
+    rows with a long K, where the GEMM accumulates; a short K)."""
+    shapes = {"x": (batch, k_in)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "s" type: "InnerProduct" bottom: "x" top: "s" inner_product_param { num_output: 50 } }\n'
+        'layer { name: "a" type: "InnerProduct" bottom: "x" top: "a" inner_product_param { num_output: 50 } }\n'
+        'layer { name: "sum" type: "Eltwise" bottom: "s" bottom: "a" top: "sum" }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }\n'
+        'layer { name: "e" type: "Eltwise" bottom: "x" bottom: "x" top: "e" eltwise_param { operation: PROD } }\n'
+        'layer { name: "e_relu" type: "TanH" bottom: "e" top: "e" }\n')
+    net = net_from_text(text, tmp_path, rng=rng)
+    from graphc.passes import run_pipeline
+    bodies = [[s["op"] for s in n.attrs["body"]] for n in run_pipeline(net.graph).nodes
+              if n.op == "Fused"]
+    assert ["InnerProduct", "Eltwise", "ReLU"] in bodies and ["Eltwise", "TanH"] in bodies
     check(tmp_path, text, shapes, rng)
 
 

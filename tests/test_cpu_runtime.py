@@ -344,3 +344,26 @@ def test_generic_cpu_target(tmp_path, rng):
     cn = compile_graph(net.graph, cpu="generic")
     assert_close(cn.forward(data=x), net.forward(data=x))
     cn.close()
+
+
+def test_odd_names(tmp_path, rng):
+    """Quotes, comment ends, slashes and non-ASCII in net and blob names survive into the
+    generated C (the header compiles and names the blobs exactly)."""
+    text = ('name: "we\\"ird */ n\u00e9t"\n'
+            'layer { name: "in" type: "Input" top: "in/p\\"ut \u00e9" input_param { shape { dim: 1 dim: 3 } } }\n'
+            'layer { name: "r*/" type: "ReLU" bottom: "in/p\\"ut \u00e9" top: "out */" }\n')
+    net = net_from_text(text, tmp_path)
+    lib = cached_library(net.graph)
+    cn = graphc.load(lib)
+    assert cn.name == 'we"ird */ n\u00e9t'
+    assert list(cn.inputs) == ['in/p"ut \u00e9'] and list(cn.outputs) == ["out */"]
+    x = rng.standard_normal((1, 3)).astype(np.float32)
+    np.testing.assert_array_equal(cn.forward(**{'in/p"ut \u00e9': x})["out */"], np.maximum(x, 0))
+    src = tmp_path / "use.c"
+    src.write_text('#include "graphc_net.h"\n#include <string.h>\n'
+                   'int main(void) { return strcmp(GRAPHC_INPUT0_NAME, graphc_input_name(0)) != 0; }\n')
+    shutil.copy(lib.with_suffix(".h"), tmp_path / "graphc_net.h")
+    r = subprocess.run([*find_cc(), "-Wall", "-Werror", str(src), str(lib), f"-Wl,-rpath,{lib.parent}",
+                        "-o", str(tmp_path / "use")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert subprocess.run([str(tmp_path / "use")]).returncode == 0

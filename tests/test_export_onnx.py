@@ -224,30 +224,38 @@ def test_global_pooling(rng, method):
 
 
 # ---- whole nets -----------------------------------------------------------------------------
-def test_zoo_nets_match_caffe_and_reference(shared_dir):
-    """Every zoo net with the golden weights: every blob Caffe saved (ONNX outputs) within
-    relative L2 1e-4 of Caffe's, and the net's output within 1e-4 of graphc's reference."""
+def _golden():
     import sys
-    sys.path.insert(0, str(ROOT / "tests"))
-    from golden import NETS, apply_rule, manifest
-    for name in NETS:
-        d = shared_dir / "golden" / name
-        man = manifest(d)
-        model = d / f"{name}.caffemodel"
-        net = graphc.Net(str(d / "net.prototxt"), batch=man["input_shape"][0],
-                         weights=str(model) if model.exists() else None)
-        if not model.exists():
-            apply_rule(net, man)
-        x = np.load(d / "input.npy")
-        golden = np.load(d / "outputs.npz")
-        blobs = [b for b in man["blob_order"] if b in golden.files and b != man["input_blob"]]
-        outs = run_onnx(export_onnx(net, outputs=blobs), {man["input_blob"]: x})
-        for blob, y in zip(blobs, outs):
-            assert rel_l2(y, golden[blob]) <= 1e-4, f"{name}: blob {blob}"
-        ref = net.forward(**{man["input_blob"]: x})
-        (y,) = run_onnx(export_onnx(net), {man["input_blob"]: x})
-        out = man["outputs"][0]
-        assert rel_l2(y, ref[out]) <= 1e-4, name
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import golden
+    return golden
+
+
+@pytest.mark.parametrize("name", _golden().NETS)
+def test_zoo_net_matches_caffe_and_reference(shared_dir, name):
+    """A zoo net with the golden weights: every blob (as an ONNX output) within relative
+    L2 1e-4 of graphc's reference, and of real Caffe's where the golden set saved it."""
+    golden = _golden()
+    d = shared_dir / "golden" / name
+    man = golden.manifest(d)
+    model = d / f"{name}.caffemodel"
+    net = graphc.Net(str(d / "net.prototxt"), batch=man["input_shape"][0],
+                     weights=str(model) if model.exists() else None)
+    if not model.exists():
+        golden.apply_rule(net, man)
+    x = np.load(d / "input.npy")
+    saved = np.load(d / "outputs.npz")
+    blobs = [b for b in man["blob_order"] if b != man["input_blob"]]
+    ys = run_onnx(export_onnx(net, outputs=blobs), {man["input_blob"]: x})
+    net.forward(**{man["input_blob"]: x})
+    compared = 0
+    for blob, y in zip(blobs, ys):
+        assert rel_l2(y, net.blobs[blob]) <= 1e-4, f"blob {blob} against the reference"
+        if blob in saved.files:
+            assert rel_l2(y, saved[blob]) <= 1e-4, f"blob {blob} against Caffe"
+            compared += 1
+    assert compared >= min(len(saved.files) - 1, 5)
 
 
 def test_optimized_graph_with_fused_nodes(rng):

@@ -97,6 +97,11 @@ class LRN(Op):
     def backward_uses_outputs(self, attrs):
         return attrs.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS"
 
+    def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
+        """x only: ACROSS_CHANNELS computes the top again from x and the scale it needs
+        anyway (bit for bit the forward's) when it is not given."""
+        return [True], [False]
+
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
         """ACROSS_CHANNELS (Caffe's CrossChannelBackward): ``dx = dy * scale^-beta -
@@ -116,7 +121,7 @@ class LRN(Op):
         sq = x * x
         if attrs.get("norm_region", "ACROSS_CHANNELS") == "ACROSS_CHANNELS":
             scale = dt.type(attrs["k"]) + (alpha / dt.type(n)) * self._channel_window_sum(sq, n)
-            y = outputs[0]
+            y = outputs[0] if outputs[0] is not None else x * np.power(scale, -beta)
             ratio = self._channel_window_sum(dy * y / scale, n)
             cache = dt.type(2.0 * float(alpha) * float(beta) / n)
             dx = dy * np.power(scale, -beta) - cache * x * ratio

@@ -146,10 +146,12 @@ def stochastic_pool(x, kernel, stride, out, train: bool, rng: np.random.Generato
     return val
 
 
-def max_pool_backward(x, dy, kernel, stride, pad, out):
+def max_pool_backward(x, dy, kernel, stride, pad, out, idx=None):
     """MAX: each top gradient goes to the input position of its window's first maximum
-    (the forward's argmax), ``+=`` where windows overlap; windows without one give none."""
-    _, idx = max_pool(x, kernel, stride, pad, out)
+    (the forward's argmax ``idx``, found again in x when not given), ``+=`` where windows
+    overlap; windows without one give none."""
+    if idx is None:
+        _, idx = max_pool(x, kernel, stride, pad, out)
     n, c, h, w = x.shape
     idx = idx.astype(np.int64).reshape(n * c, -1)
     dx = np.zeros((n * c, h * w), dtype=dy.dtype)
@@ -268,6 +270,8 @@ class Pooling(Op):
         method = attrs["pool"]
         if method == "MAX":
             val, idx = max_pool(x, kernel, stride, pad, out)
+            if attrs.get("keep_argmax"):
+                ctx.state["argmax"] = idx
             return [val, idx] if attrs.get("top_mask") else [val]
         if method == "AVE":
             return [ave_pool(x, kernel, stride, pad, out)]
@@ -278,15 +282,18 @@ class Pooling(Op):
         raise OpError(f"unknown pooling method {method!r}")
 
     def backward_reads(self, attrs, need_inputs, need_params, n_outputs):
-        """MAX finds the argmax again in x; AVE and STOCHASTIC (its draw is in
-        ``ctx.state``) need x's shape only."""
-        return [attrs["pool"] == "MAX"], [False] * n_outputs
+        """MAX finds the argmax again in x, unless ``keep_argmax`` (set by the
+        ``pool-argmax`` pass) made the forward keep it in ``ctx.state`` (as Caffe keeps
+        ``max_idx_``); AVE and STOCHASTIC (its draw is in ``ctx.state``) need x's shape
+        only."""
+        return [attrs["pool"] == "MAX" and not attrs.get("keep_argmax")], [False] * n_outputs
 
     def backward_state_bytes(self, attrs, in_types, out_types):
         """STOCHASTIC in training keeps the drawn position of every top element (Caffe's
-        ``rand_idx_``, one 4-byte value each)."""
-        train = attrs["pool"] == "STOCHASTIC" and attrs.get("train")
-        return 4 * out_types[0].numel if train else 0
+        ``rand_idx_``), MAX with ``keep_argmax`` its argmax: one 4-byte value each."""
+        keep = ((attrs["pool"] == "STOCHASTIC" and attrs.get("train"))
+                or (attrs["pool"] == "MAX" and attrs.get("keep_argmax")))
+        return 4 * out_types[0].numel if keep else 0
 
     def backward(self, attrs, inputs, params, outputs, grad_outputs, need_inputs,
                  need_params, ctx):
@@ -301,7 +308,13 @@ class Pooling(Op):
         kernel, stride, pad, out = pool_geometry(attrs, x.shape)
         method = attrs["pool"]
         if method == "MAX":
-            return [max_pool_backward(x, dy, kernel, stride, pad, out)], []
+            idx = None
+            if attrs.get("keep_argmax"):
+                idx = ctx.state.get("argmax")
+                if idx is None:
+                    raise OpError("MAX pooling backward found no argmax: the forward pass of "
+                                  "this layer has not run", hint="run forward before backward")
+            return [max_pool_backward(x, dy, kernel, stride, pad, out, idx)], []
         if method == "AVE":
             return [ave_pool_backward(x, dy, kernel, stride, pad, out)], []
         choice = ctx.state.get("stochastic_tap") if attrs.get("train") else None

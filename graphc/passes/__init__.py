@@ -58,5 +58,5 @@ from . import dead_code, fold_bn, fuse, concat, inplace  # noqa: E402,F401
 
 DEFAULT_PIPELINE[:] = ["dead-code", "fold-batchnorm", "fuse", "concat-slices", "inplace"]
 
-from . import autodiff, recompute  # noqa: E402,F401
+from . import autodiff, recompute, pool_argmax  # noqa: E402,F401
 TRAIN_PIPELINE[:] = ["autodiff"]

@@ -12,7 +12,8 @@
   Grad node.
 * Offsets: greedy best fit -- buffers taken one by one in some order; each goes into the
   smallest gap (among buffers it conflicts with) that holds it, else on top.  Several
-  orders are tried and the smallest arena is kept.  Sizes are rounded up to 64 bytes.
+  orders are tried (``ORDERS``, then seeded random ones) and the smallest arena is kept,
+  stopping early at the lower bound.  Sizes are rounded up to 64 bytes.
 * Report: ``naive_bytes`` -- what Caffe allocates: every blob separately (a blob written
   in place counted once; Reshape/Flatten/Split tops share their bottom's data as in
   Caffe, also those of the Splits Caffe inserts), plus for the train phase the diffs
@@ -21,9 +22,11 @@
   ``param_bytes``.
 
 Training (``phase="train"``): the lowered net goes through ``TRAIN_PIPELINE`` (autodiff:
-a Grad node reads only what its op's backward needs) and ``inplace`` (in the backward
-graph too: an elementwise gradient, a Sum of partial gradients, written over a dead
-buffer), optionally ``recompute`` first (passes/recompute.py).  The whole graph --
+a Grad node reads only what its op's backward needs), ``pool-argmax`` (a MAX pooling
+keeps its argmax rather than its input where that frees the input), optionally
+``recompute`` (cheap layers run again in backward; passes/recompute.py), and
+``inplace`` (in the backward graph too: an elementwise gradient, a Sum of partial
+gradients, written over a dead buffer).  The whole graph --
 forward values kept for backward, activation gradients, saved op state -- is planned
 in one arena.  The param gradients are pinned (they live until the solver's update,
 and accumulate over ``iter_size`` passes, as Caffe's param diffs): they take a fixed
@@ -35,6 +38,7 @@ Scratch space an op may need inside (im2col) is not counted.
 from __future__ import annotations
 
 import json
+import random
 import sys
 from dataclasses import dataclass, field
 
@@ -148,7 +152,12 @@ ORDERS = {
     "size*lifetime": lambda b: (-b.size * (b.end - b.start + 1), b.start),
     "lifetime": lambda b: (-(b.end - b.start), -b.size),
     "start": lambda b: (b.start, -b.size),
+    "end": lambda b: (-b.end, -b.size),
 }
+
+#: after the orders above, up to this many orders by size * lifetime * a random factor
+#: in [0.7, 1.3] (seeded: plans are reproducible), unless one reaches the lower bound
+RANDOM_TRIES = 24
 
 
 def lower_bound(bufs: list[Buffer], g: Graph | None = None) -> int:
@@ -171,12 +180,22 @@ def plan_memory(g: Graph, pinned=()) -> MemoryPlan:
     """Offsets of every value of ``g`` (already through the passes) in one arena;
     ``pinned`` values (param gradients) live the whole pass."""
     bufs = buffers(g, pinned)
+    floor = lower_bound([Buffer(b.root, b.size, b.start, b.end, nbytes=b.size)
+                         for b in bufs])     # no arena can be smaller
+    orders = list(ORDERS.items())
+    rng = random.Random(0)
+    for k in range(RANDOM_TRIES):
+        noise = {b.root: rng.uniform(0.7, 1.3) for b in bufs}
+        orders.append((f"random {k}", lambda b, f=noise: (-b.size * (b.end - b.start + 1)
+                                                           * f[b.root])))
     best = None
-    for name, key in ORDERS.items():
+    for name, key in orders:
         # pinned buffers first: one block at the bottom, the rest planned above it
         offsets, size = _place(sorted(bufs, key=lambda b: (not b.pinned, key(b))))
         if best is None or size < best[1]:
             best = (offsets, size, name)
+        if size <= floor:
+            break
     offsets, size, name = best if best else ({}, 0, "size")
     parents = alias_parents(g)
     value_off = {}
@@ -226,10 +245,16 @@ def naive_bytes(g: Graph, phase: str = "test") -> int:
     return 2 * data + sum(g.types[v].nbytes for v in split_tops) + inserted
 
 
-def train_pipeline(recompute: bool = False) -> list[str]:
-    """The passes a training graph goes through before it is planned."""
+def train_pipelines(recompute: bool = False) -> list[list[str]]:
+    """The pass lists a training graph may go through before it is planned (the planner
+    keeps the one with the smallest arena).  With ``recompute``, the ``recompute`` pass
+    before and after ``pool-argmax``: each decides on what the backward graph reads, and
+    either order can be the better one."""
     from . import TRAIN_PIPELINE
-    return [*TRAIN_PIPELINE, *(["recompute"] if recompute else []), "inplace"]
+    if not recompute:
+        return [[*TRAIN_PIPELINE, "pool-argmax", "inplace"]]
+    return [[*TRAIN_PIPELINE, "recompute", "pool-argmax", "inplace"],
+            [*TRAIN_PIPELINE, "pool-argmax", "recompute", "inplace"]]
 
 
 def kept_bytes(g: Graph) -> int:
@@ -244,10 +269,16 @@ def kept_bytes(g: Graph) -> int:
 
 
 def plan_train(g: Graph, recompute: bool = False) -> tuple[Graph, MemoryPlan]:
-    """The training graph of the lowered net ``g`` (``train_pipeline``) and its plan."""
+    """The training graph of the lowered net ``g`` (the best of ``train_pipelines``)
+    and its plan."""
     from . import run_pipeline
-    tg = run_pipeline(g, train_pipeline(recompute))
-    return tg, plan_memory(tg, pinned=tg.param_grads.values())
+    best = None
+    for names in train_pipelines(recompute):
+        tg = run_pipeline(g, names)
+        plan = plan_memory(tg, pinned=tg.param_grads.values())
+        if best is None or plan.arena_bytes < best[1].arena_bytes:
+            best = (tg, plan)
+    return best
 
 
 def _train_numbers(tg: Graph, plan: MemoryPlan) -> dict:
@@ -264,7 +295,7 @@ def _train_numbers(tg: Graph, plan: MemoryPlan) -> dict:
 def memory_report(g: Graph, pipeline: list[str] | None = None, phase: str | None = None,
                   recompute: bool = False) -> dict:
     """Naive (Caffe) vs planned memory of the lowered graph ``g``, after ``pipeline``
-    (default: the default pipeline; for the train phase ``train_pipeline``).  For the
+    (default: the default pipeline; for the train phase ``train_pipelines``).  For the
     train phase, ``recompute`` also plans with the ``recompute`` pass and uses that plan
     when its peak is lower; both are reported."""
     from . import run_pipeline
@@ -360,6 +391,7 @@ def cmd_memory(args) -> int:
                 ("lower bound (max live at once)", rep["lower_bound_bytes"]),
                 ("planned arena (activations + grads)", rep["planned_bytes"]),
                 ("  of it kept from forward to backward", rep["kept_bytes"]),
+                ("  of it op state kept for backward", rep["state_bytes"]),
                 ("parameters", rep["param_bytes"]),
                 ("param gradients (pinned in the arena)", rep["param_grad_bytes"]),
                 ("  Caffe's param diffs", rep["naive_param_diff_bytes"])]

@@ -2,30 +2,31 @@
 instead of keeping their outputs from the forward pass (compute traded for memory).
 
 The forward values a backward graph reads stay alive from the forward pass to their
-last backward use.  A chain of cheap layers -- elementwise or per-channel ops (``CHEAP``)
-and views (Reshape, Flatten, Split), joined through the values they pass each other --
-can instead be run again from its *sources* (the values entering the chain) just
-before the backward pass first needs one of its outputs.  That pays when the chain's
-outputs read in backward are bigger than its sources: a convolution followed by
-BatchNorm, Scale and ReLU keeps the BatchNorm output (read by the BatchNorm and Scale
-gradients) and the ReLU output (read by the ReLU gradient and the next layer's weight
-gradient), where recomputing keeps only the convolution's output, which nothing else
-in backward reads.
+last backward use.  A *chain* of cheap nodes (``cheap``: ReLU, BatchNorm, Scale, LRN,
+pooling, Concat, Eltwise, a depthwise convolution, views...; joined through the values
+they pass each other) can instead run again, from values it reads, just before the
+backward pass first needs one of its outputs.  E.g. convolution -> BatchNorm -> Scale
+-> ReLU keeps the BatchNorm output (read by the BatchNorm and Scale gradients) and the
+ReLU output (read by the ReLU gradient and the next layer's weight gradient); keeping
+only the BatchNorm output and running Scale and ReLU again halves that.
 
-Per chain: recompute when the bytes of its outputs read in backward (views count 0,
-they are their input's memory) exceed the bytes of its sources that backward does not
-read anyway.  Chains with a graph output (or a loss) are left alone.  The copies:
+Per chain, the options are: for each value u entering or inside the chain (and for all
+of its entering values at once), recompute what backward reads downstream of u, which
+makes backward read the inputs of the recomputed nodes instead.  The option that keeps
+the fewest bytes from forward to backward wins (counted per buffer: a view is its
+input's memory; a buffer holding a graph output is kept anyway), ties going to fewer
+recomputed nodes; a chain keeps everything when no option saves bytes.  The copies:
 
-* a copy of each node needed for those outputs, named ``<node>@re``, outputs
-  ``<value>@re``; an op that updates its params in its forward (BatchNorm's moving
-  averages) is wrapped in a ``Recompute`` node (ops/grad.py), which updates copies;
+* a copy of each recomputed node, named ``<node>@re``, with outputs ``<value>@re``; an
+  op that updates its params in its forward (BatchNorm's moving averages) is wrapped
+  in a ``Recompute`` node (ops/grad.py), which updates copies;
 * each copy is placed just before the first backward node (or copy) that reads it;
 * backward nodes read the copies; forward nodes still read the originals.
 
-Every op in ``CHEAP`` is deterministic, so the copies compute exactly what the forward
-pass computed (the gradients do not change); Dropout is not recomputed (its mask is
-random).  Run before ``inplace``.  The memory planner (``graphc memory --recompute``)
-compares the peak with and without this pass.
+Cheap ops give the same outputs every time, so the copies compute exactly what the
+forward pass computed and the gradients do not change (Dropout, whose mask is random,
+is never recomputed).  Run before ``inplace``.  The memory planner (``graphc memory
+--recompute``) plans with and without this pass and uses it when the peak is lower.
 """
 from __future__ import annotations
 
@@ -37,22 +38,34 @@ from . import register_pass
 from .alias import alias_parents, is_view, root_of
 from .util import fresh_name
 
-#: ops cheap enough to run twice (about as costly as reading and writing their data)
-CHEAP = ("ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "Power", "BNLL", "Exp",
-         "Log", "BatchNorm", "Scale", "Bias", "Eltwise", "LRN", "Concat", "Pooling")
+#: a node is cheap when its forward costs at most this many flops per output element
+#: (``Op.cost``): ReLU 1, Scale 2, BatchNorm 6, LRN and 3x3 pooling 9, a 3x3 depthwise
+#: convolution 19, copies (Concat, Slice) 0 -- about what moving the data costs.  A
+#: convolution over several channels per output, an InnerProduct, a global pooling, a
+#: loss are not.
+CHEAP_FLOPS = 20
+
+#: ops never run twice: their forward draws random numbers or has effects of its own
+NOT_REPEATABLE = ("Dropout", "Python")
 
 #: ops only the backward graph has (autodiff, this pass)
 BACKWARD_OPS = ("Grad", "Sum", "Fill", "Recompute")
 
 
-def cheap(n: Node) -> bool:
-    """A node this pass may run again: a view, or a deterministic op in ``CHEAP``
-    (stochastic pooling draws at random in training)."""
+def cheap(g: Graph, n: Node) -> bool:
+    """A node this pass may run again: a view, or a node with inputs whose op gives the
+    same outputs every time (not ``NOT_REPEATABLE``, not stochastic pooling) and costs
+    at most ``CHEAP_FLOPS`` per output element."""
     if is_view(n):
         return True
-    if n.op == "Pooling":
-        return n.attrs.get("pool") != "STOCHASTIC"
-    return n.op in CHEAP
+    if not n.inputs or not n.outputs or n.op in NOT_REPEATABLE or n.op in BACKWARD_OPS:
+        return False
+    if n.op == "Pooling" and n.attrs.get("pool") == "STOCHASTIC":
+        return False
+    outs = [g.types[v] for v in n.outputs]
+    flops = get_op(n.op).cost(n.attrs, [g.types[v] for v in n.inputs],
+                              [g.params[p].type for p in n.params], outs).flops
+    return flops <= CHEAP_FLOPS * sum(t.numel for t in outs)
 
 
 def backward_start(g: Graph) -> int | None:
@@ -63,10 +76,10 @@ def backward_start(g: Graph) -> int | None:
     return None
 
 
-def _chains(nodes: list[Node]) -> list[list[Node]]:
+def _chains(g: Graph, nodes: list[Node]) -> list[list[Node]]:
     """Connected groups of cheap nodes (joined by the values they pass each other), each
     in forward order."""
-    ok = [n for n in nodes if cheap(n)]
+    ok = [n for n in nodes if cheap(g, n)]
     parent = {n.name: n.name for n in ok}
 
     def find(x: str) -> str:
@@ -178,7 +191,7 @@ def recompute(g: Graph) -> Graph:
     kept = _Kept(g, read_bwd, protected)
     renamed: dict[str, str] = {}          # original value -> its recomputed copy
     copies: list[Node] = []
-    for chain in _chains(fwd):
+    for chain in _chains(g, fwd):
         choice = _plan_chain(chain, read_bwd, kept)
         if choice is None:
             continue
@@ -195,7 +208,8 @@ def recompute(g: Graph) -> Graph:
                 outs.append(new)
             name = fresh_name(f"{n.name}@re", names)
             names.add(name)
-            attrs = {k: v for k, v in n.attrs.items() if k not in ("inplace", "by_slices")}
+            attrs = {k: v for k, v in n.attrs.items()
+                     if k not in ("inplace", "by_slices", "keep_argmax")}
             ins = [renamed.get(v, v) for v in n.inputs]
             if get_op(n.op).updates_params:
                 copy = Node("Recompute", name, ins, outs, list(n.params),

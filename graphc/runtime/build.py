@@ -83,7 +83,18 @@ def fill_params(g: Graph, seed: int = 0) -> None:
 
 
 def _cstr(s) -> str:
-    return json.dumps(str(s), ensure_ascii=True)
+    """A C string literal of ``s`` (UTF-8; quotes, backslashes, non-printable and non-ASCII
+    bytes as octal escapes)."""
+    out = []
+    for byte in str(s).encode("utf-8"):
+        ch = chr(byte)
+        if ch in '"\\?':
+            out.append("\\" + ch)
+        elif 32 <= byte < 127:
+            out.append(ch)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
 
 
 def _env():
@@ -94,6 +105,8 @@ def _env():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["cstr"] = _cstr
+    env.filters["ccomment"] = lambda v: "".join(
+        c if 32 <= ord(c) < 127 else "?" for c in str(v)).replace("*/", "*?")
     return env
 
 
@@ -112,7 +125,8 @@ def write_weights_file(program, path: Path) -> None:
 
 
 def render_sources(program, header_name: str, embedded: bool, weights_file: str) -> dict:
-    """{file name: text} of the runtime C file and the header."""
+    """{file name: text} of the runtime C file and the header (graphc_net.h while
+    building; ``header_name`` is the name it gets)."""
     from .. import __version__
     env = _env()
     ctx = dict(name=program.name, version=__version__, header_name=header_name,
@@ -124,7 +138,7 @@ def render_sources(program, header_name: str, embedded: bool, weights_file: str)
                weights_file=weights_file,
                max_ndim=max([len(t.shape) for t in program.inputs + program.outputs] + [1]))
     return {"runtime.c": env.get_template("runtime.c.j2").render(**ctx),
-            header_name: env.get_template("net.h.j2").render(**ctx)}
+            "graphc_net.h": env.get_template("net.h.j2").render(**ctx)}
 
 
 WEIGHTS_ASM = """\t.section .rodata.graphc_weights,"a",@progbits
@@ -197,7 +211,7 @@ def build_library(g_opt: Graph, output, *, cpu: str = "native", weights_file: bo
             (keep / "kernels.ll").write_text(program.ir)
         # the files appear complete or not at all (written aside, then renamed)
         tmp_h = _tmp_beside(header)
-        shutil.copy(d / header.name, tmp_h)
+        shutil.copy(d / "graphc_net.h", tmp_h)
         if wpath is not None:
             tmp_w = _tmp_beside(wpath)
             write_weights_file(program, tmp_w)

@@ -35,14 +35,15 @@ def randomize_params(g, rng) -> None:
             p.data[...] = v
 
 
-def compile_graph(g, *, pipeline=None, cpu: str = "native", optimized: bool = False,
+def compile_graph(g, *, pipeline=None, cpu: str | None = None, optimized: bool = False,
                   num_threads: int | None = None, poison: bool = True):
     """Optimize ``g`` (``pipeline``: pass names, default the inference pipeline), build it
     through the cache and load it (with GRAPHC_POISON set: every run NaN-fills the arena
-    and scratch first)."""
+    and scratch first).  ``cpu`` None: $GRAPHC_TEST_CPU, else "native"."""
     from ..passes import run_pipeline
     from .build import cached_library
     from .loader import load
+    cpu = cpu or os.environ.get("GRAPHC_TEST_CPU", "native")
     opt = g if optimized else run_pipeline(g, pipeline)
     lib = cached_library(opt, cpu, optimized=True)
     old = os.environ.get("GRAPHC_POISON")

@@ -12,6 +12,8 @@ A Fused node is lowered by the shape of its body:
 """
 from __future__ import annotations
 
+import math
+
 from ....ir.graph import Graph, Node
 from ....passes.alias import VIEW_OPS
 from . import conv, linear, lrn, pointwise, pool, softmax, tensor
@@ -125,7 +127,7 @@ def lower_anchored(k, n: Node, body: list[dict]) -> None:
         pass
     # the anchor into a temporary, then the tail as a pointwise kernel reading it
     anchor_shape = family.out_shape(k, n, anchor)
-    nbytes = 4 * int(__import__("math").prod(anchor_shape))
+    nbytes = 4 * math.prod(anchor_shape)
     tmp = k.temp(nbytes, "anchor")
     family.lower(k, n, anchor, [], [], tmp)
     pointwise.emit_pointwise_kernel(k, k.step_name(n.name + "_tail"), steps, k.loc(out),

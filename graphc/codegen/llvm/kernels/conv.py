@@ -11,14 +11,19 @@ register-blocked SGEMM (gemm.py) on them, each product split among the parts by 
 GEMM itself (whole register tiles of rows or columns), with an epilogue that adds the
 bias and computes the fused tail (ReLU, a residual add, ...) on each register tile.  A
 1x1 convolution with stride 1 and no padding needs no columns: its input is the matrix.
+im2col copies a stride-1 "same"-width tap as one shifted run of the flattened plane and
+a stride-2 row with vector loads and a shuffle.
 
 When the fused tail adds a residual that the output overwrites in place, the GEMM
 accumulates onto the output (which holds the residual) instead of reading it in the
 epilogue (a K longer than one cache block would otherwise see partial sums).
 
-Depthwise (one input and one output channel per group): per output row, each kernel
-tap adds ``w * x`` over the valid output columns (a vectorizable loop with no bounds
-checks inside), accumulated in scratch; the tail is then applied on the way out.
+Small images in a batch (P <= BATCH_P, e.g. ResNet's last stages): the columns of the
+images side by side make one wider product, so the weights are packed once for all of
+them; a last step moves the rows into place and computes the tail.
+
+Depthwise (one input and one output channel per group) is direct: see _depthwise.  A
+1x1 convolution of 1x1 images is an inner product (linear.gemv).
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ import math
 from llvmlite import ir
 
 from ....ops.conv import Geometry
-from ..irutil import F32, I32, I64, PTR, VOID, ceil_div, floor_div, fptr, get, i64, imax, \
-    imin, load, loop, memset0, new_function, part_range, step_function, store, var
+from ..irutil import F32, I32, I64, PTR, floor_div, fptr, get, i64, imax, imin, load, loop, \
+    new_function, part_range, step_function, store, var
 from . import linear
 from .epilogue import ProgramEpilogue
 from .pointwise import FlatSite, channel_structure, emit_program
@@ -79,6 +84,8 @@ def lower(k, n, anchor, steps, tensors, out_off):
                            k.param_src(params[1]) if bias else None, geo.num,
                            geo.channels, geo.num_output,
                            geo.out_shape(), steps, tensors, out_off)
+    if geo.num > 1 and math.prod(geo.out_spatial) <= BATCH_P:
+        return _batched_conv(k, n, geo, k.loc(x), params, steps, tensors, out_off)
     dim, inner = channel_structure(geo.out_shape())
     alias = [j for j, off in enumerate(tensors) if off == out_off]
     skip, accumulate = set(), False
@@ -114,6 +121,8 @@ def _accumulates(steps, j) -> bool:
 COLS_BUDGET = 16 * MIB
 #: pixels per im2col work item
 COL_BLOCK = 2048
+#: images with at most this many output pixels are convolved a batch at a time
+BATCH_P = 256
 
 
 def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
@@ -163,12 +172,71 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         k.add_step(fn.name, 2 * imgs * O * P * K)
 
 
-def _im2col_step(k, n, x_off, cols, first, imgs, geo):
-    """A step writing the column matrices (G x K x P each) of images first..first+imgs
-    to the arena at ``cols``; its items are (image, input channel, pixel block)."""
+def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
+    """Small images (P <= BATCH_P) in a batch: the columns of a chunk of images side by
+    side (K x imgs*P per group), one GEMM per group (the weights are packed once for all
+    the images instead of once per image), into a temporary (O x imgs*P) with the bias
+    added; then a step moving each row into its image's place in the output, computing
+    the tail on the way (it may read the output's own residual: each element is read
+    before it is written)."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
+    Cg, Og = C // G, O // G
+    K, P = Cg * KH * KW, OH * OW
+    dim, inner = channel_structure(geo.out_shape())
+    k.need_scratch(k.gemm_workspace_bytes())
+    w_src = k.param_src(params[0])
+    b_src = k.param_src(params[1]) if len(params) > 1 else None
+    epi = ProgramEpilogue([], "row", b_src is not None)
+    chunk = max(1, min(N, COLS_BUDGET // max(4 * G * K * P, 1)))
+    cols = k.temp(4 * chunk * G * K * P, "im2col")
+    cmat = k.temp(4 * chunk * O * P, "gemm")
+    for first in range(0, N, chunk):
+        imgs = min(chunk, N - first)
+        ld = imgs * P
+        _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
+        fn, b, a = step_function(k.mod, k.step_name(n.name))
+        gemm = k.gemm(epi)
+        cp, tp = k.ptr(b, a, _arena(cols)), k.ptr(b, a, _arena(cmat))
+        wp = k.ptr(b, a, w_src)
+        bp = k.ptr(b, a, b_src) if b_src else None
+        for g in range(G):
+            extra = [fptr(b, bp, g * Og)] if bp is not None else []
+            b.call(gemm, [i64(Og), i64(ld), i64(K), fptr(b, wp, g * Og * K), i64(K),
+                          fptr(b, cp, g * K * ld), i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
+                          ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])
+        b.ret_void()
+        k.add_step(fn.name, 2 * imgs * O * P * K)
+        # scatter: out[first + i, o, p] = tail(cmat[o, i * P + p])
+        fn, b, a = step_function(k.mod, k.step_name(n.name + "_out"))
+        tp = k.ptr(b, a, _arena(cmat))
+        yp = k.ptr(b, a, _arena(out_off))
+        lo, hi = part_range(b, imgs * O, a["part"], a["nparts"])
+        with loop(b, lo, hi, name="row") as r:
+            i, o = b.udiv(r, i64(O)), b.urem(r, i64(O))
+            src = fptr(b, tp, b.add(b.mul(o, i64(ld)), b.mul(i, i64(P))))
+            base = b.mul(b.add(r, i64(first * O)), i64(P))
+            with loop(b, 0, P, name="p") as p:
+                j = b.add(base, p)
+                site = FlatSite(b, k, a, tensors, j, o, dim, inner)
+                store(b, emit_program(site, steps, load(b, src, p)), yp, j)
+        b.ret_void()
+        k.add_step(fn.name, imgs * O * P)
+
+
+def _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side: bool = False):
+    """A step writing the column matrices of images first..first+imgs to the arena at
+    ``cols``: one (G x K x P) after the other, or ``side_by_side`` (G x K x imgs*P: image
+    i's columns at i*P of each row); its items are (image, input channel, pixel block)."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     C, P = geo.channels, OH * OW
-    im2col = k.helper("gk_im2col", _make_im2col)
+    # the column stride is built in (a constant stride 2 copy vectorizes; a variable one
+    # only when it happens to be 1)
+    flat = SH == SW == 1 and OW == W
+    if flat:
+        im2col = k.helper("gk_im2col_flat", _make_im2col_flat)
+    else:
+        im2col = k.helper(f"gk_im2col_sw{SW}", lambda mod, nm: _make_im2col(mod, nm, SW))
     nblk = -(-P // COL_BLOCK)
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_im2col"))
     xp = k.ptr(b, a, _arena(x_off))
@@ -181,9 +249,20 @@ def _im2col_step(k, n, x_off, cols, first, imgs, geo):
         plen = imin(b, i64(COL_BLOCK), b.sub(i64(P), p0))
         src = fptr(b, xp, b.mul(b.add(plane, i64(first * C)), i64(H * W)))
         # channel c's rows start at row c * KH * KW of the columns (groups are contiguous)
-        dst = fptr(b, cp, b.add(b.mul(plane, i64(KH * KW * P)), p0))
-        b.call(im2col, [src, dst, i64(1), i64(H), i64(W), i64(KH), i64(KW), i64(SH), i64(SW),
-                        i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), p0, plen, i64(P)])
+        if side_by_side:
+            img, c = b.udiv(plane, i64(C)), b.urem(plane, i64(C))
+            ld = imgs * P
+            dst = fptr(b, cp, b.add(b.add(b.mul(c, i64(KH * KW * ld)), b.mul(img, i64(P))), p0))
+        else:
+            ld = P
+            dst = fptr(b, cp, b.add(b.mul(plane, i64(KH * KW * P)), p0))
+        if flat:
+            b.call(im2col, [src, dst, i64(H), i64(W), i64(OH), i64(KH), i64(KW), i64(PH),
+                            i64(PW), i64(DH), i64(DW), p0, plen, i64(ld)])
+        else:
+            b.call(im2col, [src, dst, i64(1), i64(H), i64(W), i64(KH), i64(KW), i64(SH),
+                            i64(SW), i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), p0, plen,
+                            i64(ld)])
     b.ret_void()
     k.add_step(fn.name, imgs * C * KH * KW * P // 4)
 
@@ -204,7 +283,7 @@ def _valid_range(b, start, step: int, lo_bound, hi_bound, n_out):
     return o_lo, o_hi
 
 
-def _make_im2col(mod, name):
+def _make_im2col(mod, name, sw: int):
     """dst[kk * ldd + j] for kk = (c, kh, kw) and output pixels p0 + j, j < plen: the
     input at (c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW), 0 outside the image."""
     args = [("src", PTR), ("dst", PTR), ("C", I64), ("H", I64), ("W", I64), ("KH", I64),
@@ -213,7 +292,7 @@ def _make_im2col(mod, name):
     fn, b, a = new_function(mod, name, args, internal=True)
     for i in (0, 1):
         fn.args[i].add_attribute("noalias")
-    H, W, OW, SH, SW = a["H"], a["W"], a["OW"], a["SH"], a["SW"]
+    H, W, OW, SH, SW = a["H"], a["W"], a["OW"], a["SH"], i64(sw)
     p0, plen = a["p0"], a["plen"]
     oh0 = b.udiv(p0, OW)
     oh1 = b.add(b.udiv(b.sub(b.add(p0, plen), i64(1)), OW), i64(1))
@@ -238,6 +317,8 @@ def _make_im2col(mod, name):
                             v_hi = imin(b, imax(b, v_hi, v_lo), ow_b)
                             with loop(b, ow_a, v_lo, name="z0") as ow:
                                 store(b, ir.Constant(F32, 0.0), row, b.add(base, ow))
+                            if sw == 2:
+                                v_lo = _copy_stride2(b, src_row, row, base, iw0, W, v_lo, v_hi)
                             with loop(b, v_lo, v_hi, name="cp") as ow:
                                 v = load(b, src_row, b.add(b.mul(ow, SW), iw0))
                                 store(b, v, row, b.add(base, ow))
@@ -249,6 +330,77 @@ def _make_im2col(mod, name):
                 b.store(b.add(get(b, kk), i64(1)), kk)
     b.ret_void()
     return fn
+
+
+def _make_im2col_flat(mod, name):
+    """im2col of one channel for stride 1 and an output as wide as the input: the row of
+    tap (kh, kw) is the flattened plane shifted by dh * W + dw, so it is one copy (and
+    zeros before and after), then the |dw| columns the shift wrapped around are zeroed.
+    Same arguments as gk_im2col minus C, SH, SW (one channel) plus OH."""
+    args = [("src", PTR), ("dst", PTR), ("H", I64), ("W", I64), ("OH", I64), ("KH", I64),
+            ("KW", I64), ("PH", I64), ("PW", I64), ("DH", I64), ("DW", I64), ("p0", I64),
+            ("plen", I64), ("ldd", I64)]
+    fn, b, a = new_function(mod, name, args, internal=True)
+    for i in (0, 1):
+        fn.args[i].add_attribute("noalias")
+    H, W, OH, p0, plen = a["H"], a["W"], a["OH"], a["p0"], a["plen"]
+    p1 = b.add(p0, plen)
+    hw = b.mul(H, W)
+    kk = var(b, i64(0), "kk")
+    with loop(b, 0, a["KH"], name="kh") as kh:
+        dh = b.sub(b.mul(kh, a["DH"]), a["PH"])
+        r_lo = imax(b, b.sub(i64(0), dh), 0)                # output rows whose input row
+        r_hi = imin(b, b.sub(H, dh), OH)                    # oh + dh is inside
+        with loop(b, 0, a["KW"], name="kw") as kw:
+            dw = b.sub(b.mul(kw, a["DW"]), a["PW"])
+            shift = b.add(b.mul(dh, W), dw)
+            row = fptr(b, a["dst"], b.mul(get(b, kk), a["ldd"]))
+            lo = imax(b, imax(b, p0, b.mul(r_lo, W)), b.sub(i64(0), shift))
+            hi = imin(b, imin(b, p1, b.mul(r_hi, W)), b.sub(hw, shift))
+            hi = imax(b, hi, lo)
+            lo = imin(b, lo, p1)
+            hi = imin(b, hi, p1)
+            with loop(b, p0, lo, name="z0") as j:
+                store(b, ir.Constant(F32, 0.0), row, b.sub(j, p0))
+            with loop(b, lo, hi, name="cp") as j:
+                store(b, load(b, a["src"], b.add(j, shift)), row, b.sub(j, p0))
+            with loop(b, hi, p1, name="z1") as j:
+                store(b, ir.Constant(F32, 0.0), row, b.sub(j, p0))
+            # the wrapped columns: ow < -dw (dw < 0) or ow >= W - dw (dw > 0)
+            c_lo = imax(b, b.sub(i64(0), dw), 0)
+            c_hi = imin(b, b.sub(W, dw), W)
+            with b.if_then(b.and_(b.icmp_signed("<", lo, hi),
+                                  b.or_(b.icmp_signed(">", c_lo, i64(0)),
+                                        b.icmp_signed("<", c_hi, W)))):
+                with loop(b, b.sdiv(lo, W), b.add(b.sdiv(b.sub(hi, i64(1)), W), i64(1)),
+                          name="er") as oh:
+                    start = b.mul(oh, W)
+                    for c0, c1 in ((i64(0), c_lo), (c_hi, W)):
+                        j0 = imax(b, b.add(start, c0), lo)
+                        j1 = imin(b, b.add(start, c1), hi)
+                        with loop(b, j0, j1, name="ez") as j:
+                            store(b, ir.Constant(F32, 0.0), row, b.sub(j, p0))
+            b.store(b.add(get(b, kk), i64(1)), kk)
+    b.ret_void()
+    return fn
+
+
+def _copy_stride2(b, src_row, row, base, iw0, W, v_lo, v_hi, vw: int = 8):
+    """row[base + ow] = src_row[2 * ow + iw0] for ow from v_lo, vw at a time: two vectors
+    loaded and their even lanes kept (LLVM would gather), while the loaded elements stay
+    inside the input row.  Returns where the scalar copy must go on."""
+    vt = ir.VectorType(F32, 2 * vw)
+    # ow may start a vector while ow + vw <= v_hi and 2 * ow + iw0 + 2 * vw <= W
+    last = floor_div(b, b.sub(b.sub(W, iw0), i64(2 * vw)), 2)       # the last allowed start
+    count = imin(b, b.sdiv(b.sub(v_hi, v_lo), i64(vw)),
+                 b.add(floor_div(b, b.sub(last, v_lo), vw), i64(1)))
+    count = imax(b, count, i64(0))
+    even = ir.Constant(ir.VectorType(I32, vw), list(range(0, 2 * vw, 2)))
+    with loop(b, 0, count, name="v2") as t:
+        ow = b.add(v_lo, b.mul(t, i64(vw)))
+        x = b.load(fptr(b, src_row, b.add(b.mul(ow, i64(2)), iw0)), typ=vt, align=4)
+        b.store(b.shuffle_vector(x, x, even), fptr(b, row, b.add(base, ow)), align=4)
+    return b.add(v_lo, b.mul(count, i64(vw)))
 
 
 def _valid_range_rt(b, start, step, size, n_out):

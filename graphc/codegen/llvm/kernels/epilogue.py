@@ -12,10 +12,8 @@ channel of C's first row or column), one pointer per tensor read (offset like C,
 """
 from __future__ import annotations
 
-from llvmlite import ir
-
 from ..gemm import Epilogue
-from ..irutil import F32, I64, PTR, i64, load, load_vec, splat
+from ..irutil import I64, PTR, load, load_vec, splat
 from .pointwise import Chan, PStep, Site, chan_operands, emit_program, program_key, \
     tensor_inputs
 

@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 

@@ -28,8 +28,7 @@ from llvmlite import ir
 from ....errors import GraphcError
 from ....ops import get_op
 from ....ops.elementwise import broadcast_dims
-from ..irutil import F32, F64, I32, I64, PTR, REASSOC, const_like, f32, i64, intrinsic, \
-    splat
+from ..irutil import F32, F64, I32, const_like, i64, intrinsic
 
 #: single-input ops a program can compute (besides Eltwise, which takes several)
 UNARY_OPS = {"ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "Power", "Exp", "Log",

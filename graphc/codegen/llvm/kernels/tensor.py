@@ -14,7 +14,7 @@ from llvmlite import ir
 
 from ....ops import get_op
 from ....ops.base import canonical_axis
-from ..irutil import I64, byte_ptr, i64, load, loop, memcpy, part_range, step_function
+from ..irutil import I64, byte_ptr, i64, loop, memcpy, part_range, step_function
 
 PIECE = 256 << 10
 
