@@ -105,6 +105,11 @@ def bench_net(name: str, args, rng) -> dict:
                          seed=int(rng.integers(1 << 30)))
     g = solver.net.graph
     x, y = make_data(name, args.batch, chw, rng)
+    if args.wait_idle > 0:
+        from cpu_inference import wait_idle
+        res_busy = not wait_idle(args.wait_idle)
+    else:
+        res_busy = None
 
     def feed():
         i = solver.iter % NUM_BATCHES
@@ -153,7 +158,7 @@ def bench_net(name: str, args, rng) -> dict:
     res = {"name": name, "data": DATA[name], "base_lr": base_lr, "wd": wd,
            "flops": None, "times": times, "loss_first": (lg[0], lt[0]),
            "loss_last": (lg[-1], lt[-1]), "max_rel_loss_diff": float(diff.max()),
-           "iters": len(lg)}
+           "iters": len(lg), "busy": res_busy}
     for k, ts in times.items():
         med = float(np.median(ts))
         print(f"{name:16s} {k:8s} {med * 1e3:9.1f} ms/iter (p90 "
@@ -170,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each net, wait up to this long for other jobs to leave the "
+                         "CPUs (for a shared machine)")
     ap.add_argument("--shared", default=None, help="the shared/ folder (default ../shared)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_training.md"))
     args = ap.parse_args(argv)
@@ -226,6 +234,11 @@ def write_report(args, rows, total, torch) -> None:
         (fg, ft), (lg, lt) = r["loss_first"], r["loss_last"]
         lines.append(f"| {r['name']} | {r['iters']} | {fg:.6f}, {ft:.6f} | {lg:.6f}, "
                      f"{lt:.6f} | {r['max_rel_loss_diff']:.1e} |")
+    busy = [r["name"] for r in rows if r["busy"]]
+    if args.wait_idle > 0:
+        lines += ["", f"--wait-idle {args.wait_idle:g}: " + (
+            f"other jobs still used the CPUs when {', '.join(busy)} started" if busy else
+            "each net started with the CPUs idle")]
     lines += ["", f"Whole run: {total:.0f} s."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -80,13 +80,15 @@ class _Builder:
         self.nodes: list = []
         self.inits: dict[str, object] = {}
         self.param_names: dict[str, str] = {}    # IR param -> initializer name
-        self.taken: set[str] = set(reserved)
+        self.taken: set[str] = set(reserved)     # value and initializer names
+        self.node_names: set[str] = set()
 
-    def fresh(self, base: str) -> str:
+    def fresh(self, base: str, taken: set[str] | None = None) -> str:
+        taken = self.taken if taken is None else taken
         name, i = base, 1
-        while name in self.taken:
+        while name in taken:
             name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
+        taken.add(name)
         return name
 
     def const(self, base: str, array, dtype=np.float32) -> str:
@@ -110,8 +112,8 @@ class _Builder:
         """Add a node; ``out`` is its output name (None: a fresh one from ``name``)."""
         out = out or self.fresh(name)
         self.taken.add(out)
-        self.nodes.append(self.helper.make_node(op, inputs, [out], name=self.fresh(name),
-                                                **attrs))
+        self.nodes.append(self.helper.make_node(
+            op, inputs, [out], name=self.fresh(name, self.node_names), **attrs))
         return out
 
 

@@ -196,7 +196,7 @@ def build_library(g_opt: Graph, output, *, cpu: str = "native", weights_file: bo
             files.insert(1, "weights.S")
         cmd = [*cc, "-shared", "-fPIC", "-O2", "-std=gnu11", "-fvisibility=hidden", "-Wall",
                "-o", str(tmp_lib), *files, "-Wl,--version-script=exports.map",
-               "-Wl,-z,noexecstack", "-lm", "-lpthread"]
+               "-Wl,-z,noexecstack", "-Wl,-Bsymbolic", "-lm", "-lpthread"]
         r = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
         if r.returncode != 0:
             tmp_lib.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ One program serves three places:
 
 * a standalone kernel (a ReLU node, a Fused chain of elementwise ops);
 * the epilogue of a convolution / inner-product GEMM, applied to a register tile before
-  it is stored (``GemmEpilogue``);
+  it is stored (``epilogue.ProgramEpilogue``);
 * the tail of the small-batch inner product and the depthwise convolution.
 
 A program is a list of ``PStep`` s.  Each step reads ``"prev"`` (the previous step's
@@ -65,10 +65,11 @@ class PStep:
     name: str = ""
 
     def key(self) -> str:
-        """What the generated code depends on (constants and operand shapes, not where
-        the operands are): equal keys may share one GEMM epilogue."""
+        """What a GEMM epilogue's code depends on (the constants, and which operands are
+        scalars; not where the operands are nor how many channels): equal keys share one
+        generated GEMM."""
         consts = {k: v for k, v in self.attrs.items() if k not in ("name",)}
-        chans = {k: (c.dim, c.inner) for k, c in sorted(self.chans.items())}
+        chans = {k: c.dim == 1 for k, c in sorted(self.chans.items())}
         return f"{self.op}{sorted(consts.items())!r}{self.inputs!r}{chans!r}"
 
 
