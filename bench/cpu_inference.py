@@ -276,7 +276,6 @@ def main(argv=None) -> int:
         t0 = time.time()
         ref_net = graphc.Net(str(zoo / f"{name}.prototxt"), batch=1)
         fill_rule(ref_net)
-        flops1 = graph_cost(ref_net.graph)[1].flops
         res = {"name": name, "label": NETS.get(name, name)}
         for batch, rounds in ((1, args.runs), (args.batch, args.runs16)):
             eng = Engines(name, batch, ref_net, args.graphc, args.threads)

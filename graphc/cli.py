@@ -58,6 +58,8 @@ def cmd_dump(args) -> int:
 
     from .passes import TRAIN_PIPELINE
     names = TRAIN_PIPELINE if args.phase == "train" else None
+    if args.passes is not None:
+        names = [x.strip() for x in args.passes.split(",") if x.strip()]
     g = run_pipeline(g, names, after=args.after,
                      on_pass=show if args.print_after_all else None)
     if args.json:
@@ -118,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_net_args(p)
     p.add_argument("--after", metavar="PASS", help="print the IR after this pass")
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--passes", metavar="P1,P2,...",
+                   help="run these passes, in this order, instead of the default pipeline "
+                        "(e.g. dead-code,fold-batchnorm,fuse,layout; '' for none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dump)
     p = sub.add_parser("memory", help="memory report: Caffe's naive allocation, the lower "

@@ -109,13 +109,15 @@ def test_convolution_big_blocks(tmp_path, rng):
                                   "kernel_size: 3 pad: 1 stride: 2", "kernel_size: 3 pad: 2 dilation: 2",
                                   "kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0",
                                   "kernel_size: 3 pad: 0"])
-def test_depthwise(tmp_path, rng, geom):
+@pytest.mark.parametrize("shape", [(2, 5, 9, 8), (1, 3, 7, 11)])
+def test_depthwise(tmp_path, rng, geom, shape):
     """Depthwise (MobileNet): "same" stride-1 planes as shifted flat loops with the edge
-    columns recomputed, and the row-by-row general case."""
-    shapes = {"x": (2, 5, 9, 8)}
+    columns recomputed, stride 2 through the four phases of the plane, and the row-by-row
+    general case."""
+    shapes = {"x": shape}
     text = inputs_layer(shapes) + (
         f'layer {{ name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param {{ '
-        f'num_output: 5 group: 5 {geom} }} }}\n'
+        f'num_output: {shape[1]} group: {shape[1]} {geom} }} }}\n'
         'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n')
     check(tmp_path, text, shapes, rng)
 

@@ -243,6 +243,10 @@ def test_thread_counts(small, monkeypatch):
         cn.close()
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])   # the split never changes the sums
+    cn = graphc.load(lib_path, num_threads=4)      # more threads than CPUs: many handoffs
+    for _ in range(100):
+        np.testing.assert_array_equal(cn.forward(data=x)["prob"], outs[0])
+    cn.close()
     monkeypatch.setenv("GRAPHC_NUM_THREADS", "3")
     assert graphc.load(lib_path).num_threads == 3
     monkeypatch.delenv("GRAPHC_NUM_THREADS")

@@ -72,6 +72,8 @@ def _contrastive(rng, legacy):
 
 # Each case: id -> function(rng) returning check_op keyword arguments.
 CASES = {
+    "Reorder": lambda r: dict(op_type="Reorder", attrs={"to": "NCHW8c"},
+                              inputs=[r.standard_normal((2, 12, 3, 3))]),
     "ReLU": lambda r: dict(op_type="ReLU", attrs={"negative_slope": 0.0},
                            inputs=[away_from_zero(r, (2, 3, 4))]),
     "ReLU-leaky": lambda r: dict(op_type="ReLU", attrs={"negative_slope": 0.1},

@@ -29,7 +29,6 @@ layers, ArgMax, STOCHASTIC pooling, ...) raise GraphcError naming the layer.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 

@@ -13,7 +13,8 @@
       output %prob
     }
 
-``%`` marks values, ``$`` parameters; names outside ``[A-Za-z0-9_./-~#+@$]`` are quoted
+A type is ``dtype[dims]``, with ``{LAYOUT}`` after it when the value has a physical
+layout (``f32[1,64,56,56]{NCHW8c}``; ir/types.py).  ``%`` marks values, ``$`` parameters; names outside ``[A-Za-z0-9_./-~#+@$]`` are quoted
 (``%"odd name"``).  A node line is ``outputs = Op(inputs, params) {attrs} name=... loc=...
 blobs=[...]``; ``blobs`` appears only when an output's Caffe blob name differs from its
 value name (in-place layers).  ``//`` starts a comment (the dump puts costs there).
@@ -202,8 +203,20 @@ class _Parser:
             if dims:
                 self.expect(",")
             dims.append(int(self.expect_kind("num", "a dimension").text))
+        layout = None
+        # a layout is `{NAME}`; a param's `{lr_mult=...}` that may follow a type is not
+        if self.tok.text == "{" and self.toks[self.i + 2].text == "}" \
+                and self.toks[self.i + 1].kind == "ident":
+            self.i += 1
+            ltok = self.next()
+            layout = ltok.text
+            self.expect("}")
+            try:
+                TensorType((), layout=layout)
+            except ValueError as e:
+                raise self.error(str(e), ltok)
         try:
-            return TensorType(tuple(dims), dtype)
+            return TensorType(tuple(dims), dtype, layout)
         except ValueError as e:
             raise self.error(str(e), dtok)
 

@@ -7,3 +7,4 @@ from . import fillers, conv, pool, linear, norm, data  # noqa: F401,E402
 from . import fused  # noqa: F401,E402
 from . import data_layers  # noqa: F401,E402
 from . import grad  # noqa: F401,E402
+from . import layout  # noqa: F401,E402

@@ -60,3 +60,6 @@ DEFAULT_PIPELINE[:] = ["dead-code", "fold-batchnorm", "fuse", "concat-slices", "
 
 from . import autodiff, recompute, pool_argmax  # noqa: E402,F401
 TRAIN_PIPELINE[:] = ["autodiff"]
+
+# opt-in, for the backends that run blocked kernels: run_pipeline(g, [..., "layout"])
+from . import layout  # noqa: E402,F401

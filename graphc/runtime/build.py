@@ -210,14 +210,20 @@ def build_library(g_opt: Graph, output, *, cpu: str = "native", weights_file: bo
                 shutil.copy(d / name, keep / name)
             (keep / "kernels.ll").write_text(program.ir)
         # the files appear complete or not at all (written aside, then renamed)
+        header.parent.mkdir(parents=True, exist_ok=True)
         tmp_h = _tmp_beside(header)
-        shutil.copy(d / "graphc_net.h", tmp_h)
-        if wpath is not None:
-            tmp_w = _tmp_beside(wpath)
-            write_weights_file(program, tmp_w)
-            os.replace(tmp_w, wpath)
-        os.replace(tmp_h, header)
-        os.replace(tmp_lib, output)
+        tmp_w = _tmp_beside(wpath) if wpath is not None else None
+        try:
+            shutil.copy(d / "graphc_net.h", tmp_h)
+            if tmp_w is not None:
+                write_weights_file(program, tmp_w)
+                os.replace(tmp_w, wpath)
+            os.replace(tmp_h, header)
+            os.replace(tmp_lib, output)
+        finally:
+            for t_ in (tmp_h, tmp_w, tmp_lib):
+                if t_ is not None:
+                    t_.unlink(missing_ok=True)
     seconds["cc"] = time.perf_counter() - t
     return BuildResult(output, header, wpath, program, seconds)
 

@@ -86,6 +86,8 @@ class Step:
     fn: str          # the generated function
     node: int        # index into Program.nodes
     max_parts: int   # split the work into at most this many parts
+    per_thread: int = 4   # and into at most this many parts per thread (finer parts balance
+                          # better when a thread is slowed; a GEMM's parts repack operands)
 
 
 @dataclass
@@ -134,7 +136,7 @@ class KernelContext:
         self.scratch_bytes = 0
         self.temp_base = _align(plan.arena_bytes)
         self.temp_bytes = 0
-        self._temps: dict[tuple[int, int], int] = {}
+        self._temps: dict[tuple[int, str], int] = {}
         self._temp_used: dict[int, int] = {}
         self.node_index = -1
         self.node: Node | None = None
@@ -179,7 +181,7 @@ class KernelContext:
         """The current step needs ``nbytes`` of per-thread scratch."""
         self.scratch_bytes = max(self.scratch_bytes, _align(nbytes))
 
-    def temp(self, nbytes: int, slot="") -> int:
+    def temp(self, nbytes: int, slot: str = "") -> int:
         """Arena offset of temporary buffer ``slot`` of the current node (past the planned
         activations; the slots of one node do not overlap, nodes reuse the region)."""
         key = (self.node_index, slot)
@@ -196,10 +198,11 @@ class KernelContext:
         tail = f"_{_ident(hint)[:40]}" if hint else ""
         return f"gk_s{self._nstep}{tail}"
 
-    def add_step(self, fn: str, work: int) -> None:
-        """Schedule ``fn`` (already emitted) for the current node."""
+    def add_step(self, fn: str, work: int, per_thread: int = 4) -> None:
+        """Schedule ``fn`` (already emitted) for the current node: ``work`` (about flops)
+        bounds the number of parts, ``per_thread`` the parts per thread."""
         parts = max(1, min(1 << 16, int(work) // GRAIN))
-        self.steps.append(Step(fn, self.node_index, parts))
+        self.steps.append(Step(fn, self.node_index, parts, per_thread))
 
     def gemm(self, epilogue: Epilogue) -> ir.Function:
         """The SGEMM entry for an epilogue (one instance per distinct epilogue)."""
@@ -235,6 +238,13 @@ def unsupported(n: Node, why: str, hint: str) -> GraphcError:
 def check_supported(g: Graph) -> None:
     """Raise GraphcError for the first node the backend cannot compile."""
     from .kernels import supported
+    for n in g.nodes:
+        for v in (*n.inputs, *n.outputs):
+            layout = getattr(g.types[v], "layout", None)
+            if layout is not None:
+                raise unsupported(n, f"value %{v} has the blocked layout {layout}; the "
+                                     f"kernels read and write plain (row-major) blobs",
+                                  "compile without the 'layout' pass")
     for n in g.nodes:
         why = supported(g, n)
         if why:

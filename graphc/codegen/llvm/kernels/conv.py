@@ -169,7 +169,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                               ir.Constant(I32, int(accumulate)), a["part"], a["nparts"],
                               a["scratch"], *extra])
         b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K)
+        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
 
 
 def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
@@ -206,7 +206,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
                           fptr(b, cp, g * K * ld), i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
                           ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])
         b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K)
+        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
         # scatter: out[first + i, o, p] = tail(cmat[o, i * P + p])
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_out"))
         tp = k.ptr(b, a, _arena(cmat))
@@ -385,6 +385,19 @@ def _make_im2col_flat(mod, name):
     return fn
 
 
+def _deinterleave(b, src, dsts, n: int, vw: int = 8) -> ir.Value:
+    """dsts[0][j] = src[2j], dsts[1][j] = src[2j + 1] for j < (n // (2 vw)) * vw, two
+    vectors loaded and split by shuffles; returns that count (the caller does the rest)."""
+    vt = ir.VectorType(F32, 2 * vw)
+    count = n // (2 * vw)
+    lanes = [ir.Constant(ir.VectorType(I32, vw), list(range(p, 2 * vw, 2))) for p in (0, 1)]
+    with loop(b, 0, count, name="dei") as t:
+        x = b.load(fptr(b, src, b.mul(t, i64(2 * vw))), typ=vt, align=4)
+        for dst, sel in zip(dsts, lanes):
+            b.store(b.shuffle_vector(x, x, sel), fptr(b, dst, b.mul(t, i64(vw))), align=4)
+    return i64(count * vw)
+
+
 def _copy_stride2(b, src_row, row, base, iw0, W, v_lo, v_hi, vw: int = 8):
     """row[base + ow] = src_row[2 * ow + iw0] for ow from v_lo, vw at a time: two vectors
     loaded and their even lanes kept (LLVM would gather), while the loaded elements stay
@@ -428,8 +441,10 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
     Stride 1 with "same" width (MobileNet's 3x3, pad 1): a tap is a constant shift of
     the flattened plane, so it is one long vectorizable loop; the output columns whose
     window leaves the image horizontally (the shift wrapped them into the next row) are
-    then recomputed with bounds checks.  Otherwise row by row, each tap over the columns
-    where it is inside the image."""
+    then recomputed with bounds checks.  Stride 2 with OW = ceil(W / 2): the plane is
+    first split into its four (row parity, column parity) phases, each as wide as the
+    output; a tap reads one phase at a constant shift, and the same holds.  Otherwise row
+    by row, each tap over the columns where it is inside the image."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     N, C = geo.num, geo.channels
     P, HW = OH * OW, H * W
@@ -437,13 +452,16 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
     w_src = k.param_src(params[0])
     b_src = k.param_src(params[1]) if len(params) > 1 else None
     flat = SH == SW == 1 and OW == W
-    k.need_scratch(4 * P)
+    phased = SH == SW == 2 and DH == DW == 1 and OW == (W + 1) // 2 and not flat
+    Hq, Wq = (H + 1) // 2, (W + 1) // 2            # a phase plane (stride 2)
+    k.need_scratch(4 * P + (4 * 4 * Hq * Wq if phased else 0))
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp = k.ptr(b, a, _arena(x_off))
     yp = k.ptr(b, a, _arena(out_off))
     wp = k.ptr(b, a, w_src)
     bp = k.ptr(b, a, b_src) if b_src else None
     acc = a["scratch"]
+    phases = fptr(b, acc, P)
     taps = [(kh, kw, kh * DH - PH, kw * DW - PW) for kh in range(KH) for kw in range(KW)]
 
     def add_tap(wv, src_ptr, dst_ptr, lo, hi, step_x):
@@ -453,6 +471,45 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
             pa = fptr(b, dst_ptr, o)
             b.store(b.fadd(b.load(pa, typ=F32), b.fmul(wv, xv)), pa)
 
+    def shifted_taps(src, wc, init):
+        """Flat and phased: each tap one shifted run, then the edge columns exactly."""
+        s_ = SH
+        for kh, kw, dh, dw in taps:
+            if phased:
+                rp, cp = dh % 2, dw % 2
+                roff, coff = (dh - rp) // 2, (dw - cp) // 2
+                rows = (H - rp + 1) // 2               # valid rows of that phase
+                plane_ptr = fptr(b, phases, (2 * rp + cp) * Hq * Wq)
+                shift, width, size = roff * Wq + coff, Wq, Hq * Wq
+            else:
+                roff, rows, plane_ptr = dh, H, src
+                shift, width, size = dh * W + dw, W, HW
+            i_lo = max(max(0, -roff) * OW, -shift)
+            i_hi = min(min(OH, rows - roff) * OW, size - shift)
+            if i_lo < i_hi:     # (width == OW: output index + shift = input index)
+                add_tap(load(b, wc, kh * KW + kw), fptr(b, plane_ptr, shift), acc, i64(i_lo),
+                        i64(i_hi), 1)
+        # columns where some tap's window leaves the image sideways: recompute exactly
+        edge = sorted({ow for ow in range(OW) for _, _, _, dw in taps
+                       if not 0 <= ow * s_ + dw < W})
+        if not edge:
+            return
+        with loop(b, 0, OH, name="eoh") as oh:
+            for ow in edge:
+                slot = fptr(b, acc, b.add(b.mul(oh, i64(OW)), i64(ow)))
+                total = var(b, init, "edge")
+                for kh, kw, dh, dw in taps:
+                    iw = ow * s_ + dw
+                    if not 0 <= iw < W:
+                        continue
+                    ih = b.add(b.mul(oh, i64(s_)), i64(dh))
+                    ok = b.and_(b.icmp_signed(">=", ih, i64(0)), b.icmp_signed("<", ih, i64(H)))
+                    with b.if_then(ok):
+                        xv = load(b, src, b.add(b.mul(ih, i64(W)), i64(iw)))
+                        b.store(b.fadd(get(b, total),
+                                       b.fmul(load(b, wc, kh * KW + kw), xv)), total)
+                b.store(get(b, total), slot)
+
     lo, hi = part_range(b, N * C, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as plane:
         c = b.urem(plane, i64(C))
@@ -461,33 +518,21 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
         init = load(b, bp, c) if bp is not None else ir.Constant(F32, 0.0)
         with loop(b, 0, P, name="fill") as i:
             store(b, init, acc, i)
-        if flat:
-            for kh, kw, dh, dw in taps:
-                shift = dh * W + dw
-                i_lo = max(max(0, -dh) * OW, -shift)
-                i_hi = min(min(OH, H - dh) * OW, HW - shift)
-                if i_lo < i_hi:
-                    add_tap(load(b, wc, kh * KW + kw), fptr(b, src, shift), acc, i64(i_lo),
-                            i64(i_hi), 1)
-            # columns some tap reaches past the left or right edge: recompute exactly
-            edge = sorted({ow for ow in range(OW) for _, _, _, dw in taps
-                           if not 0 <= ow + dw < W})
-            if edge:
-                with loop(b, 0, OH, name="eoh") as oh:
-                    for ow in edge:
-                        slot = fptr(b, acc, b.add(b.mul(oh, i64(OW)), i64(ow)))
-                        total = var(b, init, "edge")
-                        for kh, kw, dh, dw in taps:
-                            if not 0 <= ow + dw < W:
-                                continue
-                            ih = b.add(oh, i64(dh))
-                            ok = b.and_(b.icmp_signed(">=", ih, i64(0)),
-                                        b.icmp_signed("<", ih, i64(H)))
-                            with b.if_then(ok):
-                                xv = load(b, src, b.add(b.mul(ih, i64(W)), i64(ow + dw)))
-                                b.store(b.fadd(get(b, total),
-                                               b.fmul(load(b, wc, kh * KW + kw), xv)), total)
-                        b.store(get(b, total), slot)
+        if phased:   # phase (rp, cp)[i, j] = x[2i + rp, 2j + cp]
+            for rp in (0, 1):
+                with loop(b, 0, (H - rp + 1) // 2, name="prow") as i:
+                    srow = fptr(b, src, b.mul(b.add(b.mul(i, i64(2)), i64(rp)), i64(W)))
+                    dsts = [fptr(b, phases, b.add(i64((2 * rp + cp) * Hq * Wq),
+                                                  b.mul(i, i64(Wq)))) for cp in (0, 1)]
+                    done = _deinterleave(b, srow, dsts, W)
+                    for cp in (0, 1):
+                        with loop(b, done, (W - cp + 1) // 2, name="pcol") as j:
+                            store(b, load(b, srow, b.add(b.mul(j, i64(2)), i64(cp))),
+                                  dsts[cp], j)
+                        if (W - cp + 1) // 2 < Wq:     # keep the unused last column finite
+                            store(b, ir.Constant(F32, 0.0), dsts[cp], Wq - 1)
+        if flat or phased:
+            shifted_taps(src, wc, init)
         else:
             with loop(b, 0, OH, name="oh") as oh:
                 arow = fptr(b, acc, b.mul(oh, i64(OW)))

@@ -87,7 +87,7 @@ def lower(k, n, anchor, steps, tensors, out_off):
                   ir.Constant(I32, int(accumulate)), a["part"], a["nparts"], a["scratch"],
                   *extra])
     b.ret_void()
-    k.add_step(fn.name, 2 * M * N * K)
+    k.add_step(fn.name, 2 * M * N * K, per_thread=1)
 
 
 def gemv(k, n, x_off, w_src, b_src, M, K, N, oshape, steps, tensors, out_off):
