@@ -241,14 +241,19 @@ def main(argv=None) -> int:
     ap.add_argument("--graphc", choices=("auto", "cpu", "reference"), default="auto",
                     help="graphc's engine (auto: the cpu backend if it works, else the "
                          "reference executor)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned (default): keep freed memory in glibc's heap (PyTorch's big "
+                         "tensors otherwise cost a page fault per 4 KiB each run); default: "
+                         "glibc's settings")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each net and batch size, wait up to this long for other "
                          "jobs to leave the CPUs (for a shared machine)")
     ap.add_argument("--shared", default=None, help="the shared/ folder (default ../shared)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_inference.md"))
     ARGS = args = ap.parse_args(argv)
-    from torch_nets import require_torch
+    from torch_nets import require_torch, tune_malloc
     torch = require_torch()
+    args.malloc_note = tune_malloc() if args.malloc == "tuned" else "glibc malloc defaults"
     try:
         import onnxruntime as ort
     except ImportError:
@@ -327,7 +332,7 @@ def write_report(args, rows, notes, peak, peak_note, total, torch, ort) -> None:
         f"torch.set_num_threads({args.threads})). Python {platform.python_version()}, "
         f"numpy {np.__version__}, onnxruntime {ort.__version__} (onnx {onnx.__version__}, "
         f"graph optimizations ORT_ENABLE_ALL), torch {torch.__version__} (eager, "
-        "inference_mode, NCHW).",
+        f"inference_mode, NCHW). Memory: {args.malloc_note}.",
         "",
         "graphc engine: " + ", ".join(sorted(
             {"cpu": "`Net(..., backend=\"cpu\")` (the compiled LLVM backend)",

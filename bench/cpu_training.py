@@ -175,15 +175,19 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned (default): keep freed memory in glibc's heap (see "
+                         "bench/torch_nets.py tune_malloc); default: glibc's settings")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each net, wait up to this long for other jobs to leave the "
                          "CPUs (for a shared machine)")
     ap.add_argument("--shared", default=None, help="the shared/ folder (default ../shared)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_training.md"))
     args = ap.parse_args(argv)
-    from torch_nets import require_torch
+    from torch_nets import require_torch, tune_malloc
     torch = require_torch()
     torch.set_num_threads(THREADS)
+    args.malloc_note = tune_malloc() if args.malloc == "tuned" else "glibc malloc defaults"
     rng = np.random.default_rng(2024)
     t0 = time.time()
     rows = [bench_net(name, args, rng) for name in args.nets.split(",")]
@@ -202,7 +206,8 @@ def write_report(args, rows, total, torch) -> None:
         "",
         f"Machine: {machine()}; {THREADS} threads for each (OPENBLAS_NUM_THREADS={THREADS} "
         f"for numpy, torch.set_num_threads({THREADS})). Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__} (eager).",
+        f"numpy {np.__version__}, torch {torch.__version__} (eager). Memory: "
+        f"{args.malloc_note}.",
         "",
         "graphc: `graphc.train` SGDSolver (Caffe's solver loop and update) on graphc.Net's "
         "**reference executor** (numpy forward and derived backward graph; the compiled cpu "

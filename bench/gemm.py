@@ -48,8 +48,8 @@ NOTES = """## Notes (measured while tuning on this machine)
   bounded by the 256-bit peak; compare it with the `avx2` column.
 * Tile choice on Zen5 (AVX-512): 8x32 (16 zmm accumulators) measured better than 14x32,
   8x48, 16x16 and 4x64, on the squares and the conv shapes alike; on AVX2 the classic 6x16.
-* Where the kernels lose time: packing B costs ~0.1 ns per element and is repeated for
-  every M block, so its share grows as M shrinks (M = 64: about a tenth of the run); the C
+* Where the kernels lose time: packing B costs ~0.1 ns per element, paid back over only
+  M rows of compute, so its share grows as M shrinks (M = 64: about a tenth of the run); the C
   tile is reloaded once per K block (prefetching it from inside the k loop raised the
   median on 2048^3 from ~175 to ~217 GFLOP/s); K not a multiple of the block is split
   into equal blocks (K = 363 runs as 184 + 179), and N not a multiple of the tile width
@@ -58,6 +58,12 @@ NOTES = """## Notes (measured while tuning on this machine)
   thread less work, packing included), each packing its own panels; no barrier, no
   shared packed buffer. Figures for 2 threads vary most: the two vCPUs sometimes land on
   one physical core (the 2-thread peak then reads like the 1-thread one).
+* 2 threads on calls of about a millisecond (the conv shapes) are held back by waking the
+  idle second vCPU, which here takes ~0.5-1 ms: the pool thread starts its part when the
+  caller is nearly done with its own. With the other vCPU kept awake (a `nice 19`
+  spinner), 64x3136x576 on 2 threads went from ~190 to ~350 GFLOP/s. A runtime pool whose
+  workers spin briefly before sleeping (as OpenBLAS's do) would remove this; the Python
+  pool here only shows how to drive the per-part entry point.
 """
 MIN_SECONDS = 0.03  # each timing covers at least this long (several calls for small shapes)
 THREADS = (1, 2)

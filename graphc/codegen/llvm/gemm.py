@@ -18,7 +18,7 @@ The microkernel keeps the whole MR x NR tile of C in vector registers: each k st
 loads NR/VW vectors of the B panel, broadcasts MR values of the A panel, and issues
 MR*NR/VW independent FMAs. Edge tiles are computed in full on the zero-padded panels;
 only their valid rows are written, the last columns with masked loads and stores.
-Blocks are balanced (K = 300 with KC = 256 runs as 2 x 152, not 256 + 44).
+Blocks are balanced (K = 300 with KC = 256 runs as 152 + 148, not 256 + 44).
 
 On the last K block, an :class:`Epilogue` hook (e.g. bias + ReLU, for convolution as
 implicit GEMM) is applied to the tile while it is still in registers, so the result is
@@ -27,7 +27,7 @@ written once.
 Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
 to ``part`` (whole MR-tiles of rows or NR-tiles of columns, whichever split gives the
 busiest part less work, packing included) with its own packing workspace of
-``gemm_workspace_bytes()`` bytes (64-byte aligned), so any thread pool can drive it.
+``<name>_workspace_bytes()`` bytes (64-byte aligned), so any thread pool can drive it.
 :class:`Gemm` compiles once and runs on a Python thread pool (ctypes releases the GIL).
 """
 from __future__ import annotations
@@ -36,13 +36,14 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
 
 from graphc.codegen.llvm import jit
+from graphc.codegen.llvm.irutil import imin, loop, new_function, splat, var
 from graphc.errors import GraphcError
 
 F32 = ir.FloatType()
@@ -166,7 +167,7 @@ class BiasAct(Epilogue):
         vt = x.type
         zero = ir.Constant(vt, [0.0] * vt.count)
         if self.bias == "row":
-            x = b.fadd(x, _splat(b, _load(b, F32, args["bias"], row), vt.count))
+            x = b.fadd(x, splat(b, _load(b, F32, args["bias"], row), vt.count))
         elif self.bias == "col":
             x = b.fadd(x, _load_vec(b, vt, args["bias"], col, mask))
         if self.relu:
@@ -226,57 +227,16 @@ def _store_vec(b, x, base, idx, mask=None):
         b.call(fn, [x, _addr(b, F32, base, idx), ir.Constant(I32, 4), mask])
 
 
-def _splat(b, x, n):
-    v = b.insert_element(ir.Constant(ir.VectorType(F32, n), ir.Undefined), x, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), [0] * n))
 
 
-def _splat_i32(b, x, n):
-    v = b.insert_element(ir.Constant(ir.VectorType(I32, n), ir.Undefined), x, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), [0] * n))
 
 
-def _min(b, x, y):
-    return b.select(b.icmp_signed("<", x, y), x, y)
 
 
-def _var(b, init, name=""):
-    """A mutable local (an entry-block alloca; -O3 turns it into SSA values)."""
-    with b.goto_entry_block():
-        p = b.alloca(init.type, name=name)
-    b.store(init, p)
-    return p
 
 
-@contextmanager
-def _for(b, start, stop, step=1, name="i"):
-    """``for (i = start; i < stop; i += step)``; yields i (an i64 value)."""
-    step = i64(step) if isinstance(step, int) else step
-    start = i64(start) if isinstance(start, int) else start
-    var = _var(b, start, name)
-    cond = b.append_basic_block(f"{name}.cond")
-    body = b.append_basic_block(f"{name}.body")
-    end = b.append_basic_block(f"{name}.end")
-    b.branch(cond)
-    b.position_at_end(cond)
-    i = b.load(var, typ=I64, name=name)
-    b.cbranch(b.icmp_signed("<", i, stop), body, end)
-    b.position_at_end(body)
-    yield i
-    b.store(b.add(i, step), var)
-    b.branch(cond)
-    b.position_at_end(end)
 
 
-def _new_function(mod, name, args, ret=VOID, linkage=None):
-    fn = ir.Function(mod, ir.FunctionType(ret, [t for _, t in args]), name)
-    for a, (n, _) in zip(fn.args, args):
-        a.name = n
-    if linkage:
-        fn.linkage = linkage
-    fn.attributes.add("nounwind")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    return fn, b, {n: a for a, (n, _) in zip(fn.args, args)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +289,7 @@ class GemmGenerator:
         args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
                 ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
                 *self.epi.args]
-        fn, b, a = _new_function(mod, f"{self.name}_ukernel", args, linkage="internal")
+        fn, b, a = new_function(mod, f"{self.name}_ukernel", args, internal=True)
         for p in ("ap", "bp", "c"):
             fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
         fma = self._fma_fn(mod)
@@ -339,12 +299,12 @@ class GemmGenerator:
             mod, ir.FunctionType(VOID, [PTR, I32, I32, I32]), "llvm.prefetch.p0")
 
         entry = b.block
-        loop = b.append_basic_block("k.loop")
+        kloop = b.append_basic_block("k.loop")
         done = b.append_basic_block("k.done")
-        b.cbranch(b.icmp_signed(">", a["kcp"], i64(0)), loop, done)
+        b.cbranch(b.icmp_signed(">", a["kcp"], i64(0)), kloop, done)
 
         # k loop: kcp is a multiple of `unroll` (the packers zero-pad the panels)
-        b.position_at_end(loop)
+        b.position_at_end(kloop)
         k = b.phi(I64, "k")
         acc = [[b.phi(vt, f"acc{r}_{v}") for v in range(NV)] for r in range(MR)]
         cur = [[x for x in row] for row in acc]
@@ -352,7 +312,7 @@ class GemmGenerator:
             # Prefetch (for writing) row min(trip, MR-1) of the C tile: its cache misses
             # overlap the k loop instead of stalling the loads and stores after it. Spread
             # over the first trips, not all at once; past-the-end addresses are harmless.
-            ro = b.mul(_min(b, b.udiv(k, i64(c.unroll)), i64(MR - 1)), a["ldc"])
+            ro = b.mul(imin(b, b.udiv(k, i64(c.unroll)), i64(MR - 1)), a["ldc"])
             for off in [*range(0, NR, 16), NR - 1]:
                 b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
                                   ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
@@ -362,17 +322,17 @@ class GemmGenerator:
             ao = b.mul(ku, i64(MR))
             bv = [_load(b, vt, a["bp"], b.add(bo, i64(v * VW)), align=4 * VW) for v in range(NV)]
             for r in range(MR):
-                ar = _splat(b, _load(b, F32, a["ap"], b.add(ao, i64(r)), align=4), VW)
+                ar = splat(b, _load(b, F32, a["ap"], b.add(ao, i64(r)), align=4), VW)
                 for v in range(NV):
                     cur[r][v] = b.call(fma, [ar, bv[v], cur[r][v]])
         k_next = b.add(k, i64(c.unroll))
         k.add_incoming(i64(0), entry)
-        k.add_incoming(k_next, loop)
+        k.add_incoming(k_next, kloop)
         for r in range(MR):
             for v in range(NV):
                 acc[r][v].add_incoming(zero, entry)
-                acc[r][v].add_incoming(cur[r][v], loop)
-        b.cbranch(b.icmp_signed("<", k_next, a["kcp"]), loop, done)
+                acc[r][v].add_incoming(cur[r][v], kloop)
+        b.cbranch(b.icmp_signed("<", k_next, a["kcp"]), kloop, done)
 
         b.position_at_end(done)
         res = []
@@ -381,7 +341,7 @@ class GemmGenerator:
             for v in range(NV):
                 p = b.phi(vt)
                 p.add_incoming(zero, entry)
-                p.add_incoming(cur[r][v], loop)
+                p.add_incoming(cur[r][v], kloop)
                 row.append(p)
             res.append(row)
 
@@ -395,7 +355,7 @@ class GemmGenerator:
             with otherwise:  # the last columns of C: masked loads and stores
                 iota = [ir.Constant(ir.VectorType(I32, VW), list(range(v * VW, (v + 1) * VW)))
                         for v in range(NV)]
-                nr = _splat_i32(b, b.trunc(a["nr"], I32), VW)
+                nr = splat(b, b.trunc(a["nr"], I32), VW)
                 masks = [b.icmp_signed("<", iota[v], nr) for v in range(NV)]
                 self._store_tile(b, a, res, load_c, do_epi, masks=masks)
         b.ret_void()
@@ -413,7 +373,7 @@ class GemmGenerator:
     def _store_row(self, b, a, acc, r, load_c, do_epi, masks):
         c, vt = self.cfg, self.vt
         o = b.mul(i64(r), a["ldc"])
-        slots = [_var(b, x) for x in acc]
+        slots = [var(b, x) for x in acc]
         offs = [b.add(o, i64(v * c.vw)) for v in range(c.nv)]
         masks = masks or [None] * c.nv
         with b.if_then(load_c):
@@ -437,29 +397,29 @@ class GemmGenerator:
         c = self.cfg
         MR = c.mr
         args = [("mc", I64), ("kc", I64), ("kcp", I64), ("a", PTR), ("lda", I64), ("ap", PTR)]
-        fn, b, a = _new_function(mod, f"{self.name}_pack_a", args, linkage="internal")
+        fn, b, a = new_function(mod, f"{self.name}_pack_a", args, internal=True)
         zero = ir.Constant(F32, 0.0)
-        with _for(b, 0, a["mc"], MR, name="p") as p0:
+        with loop(b, 0, a["mc"], MR, name="p") as p0:
             dst = _addr(b, F32, a["ap"], b.mul(p0, a["kcp"]))
-            rows = _min(b, i64(MR), b.sub(a["mc"], p0))
+            rows = imin(b, i64(MR), b.sub(a["mc"], p0))
             src = _addr(b, F32, a["a"], b.mul(p0, a["lda"]))
             with b.if_else(b.icmp_signed("==", rows, i64(MR)), likely=True) as (then, otherwise):
                 with then:
                     # scalar code: LLVM's vectorizer turns it into loads along k and
                     # in-register transposes
                     rowp = [_addr(b, F32, src, b.mul(i64(r), a["lda"])) for r in range(MR)]
-                    with _for(b, 0, a["kc"], name="k") as k:
+                    with loop(b, 0, a["kc"], name="k") as k:
                         for r in range(MR):
                             x = _load(b, F32, rowp[r], k)
                             _store(b, x, dst, b.add(b.mul(k, i64(MR)), i64(r)))
                 with otherwise:
-                    with _for(b, 0, a["kc"], name="k") as k:
-                        with _for(b, 0, i64(MR), name="r") as r:
+                    with loop(b, 0, a["kc"], name="k") as k:
+                        with loop(b, 0, i64(MR), name="r") as r:
                             o = b.add(b.mul(k, i64(MR)), r)
                             _store(b, zero, dst, o)
                             with b.if_then(b.icmp_signed("<", r, rows)):
                                 _store(b, _load(b, F32, src, b.add(b.mul(r, a["lda"]), k)), dst, o)
-            with _for(b, b.mul(a["kc"], i64(MR)), b.mul(a["kcp"], i64(MR)), name="z") as z:
+            with loop(b, b.mul(a["kc"], i64(MR)), b.mul(a["kcp"], i64(MR)), name="z") as z:
                 _store(b, zero, dst, z)
         b.ret_void()
         return fn
@@ -469,7 +429,7 @@ class GemmGenerator:
         c, vt = self.cfg, self.vt
         NR, VW, NV = c.nr, c.vw, c.nv
         args = [("kc", I64), ("kcp", I64), ("nc", I64), ("b", PTR), ("ldb", I64), ("bp", PTR)]
-        fn, b, a = _new_function(mod, f"{self.name}_pack_b", args, linkage="internal")
+        fn, b, a = new_function(mod, f"{self.name}_pack_b", args, internal=True)
         iota = [ir.Constant(ir.VectorType(I32, VW), list(range(v * VW, (v + 1) * VW)))
                 for v in range(NV)]
         zero = ir.Constant(vt, [0.0] * VW)
@@ -477,22 +437,22 @@ class GemmGenerator:
         def copy_panel(q, masks):
             src = _addr(b, F32, a["b"], q)
             dst = _addr(b, F32, a["bp"], b.mul(q, a["kcp"]))
-            with _for(b, 0, a["kc"], name="k") as k:
+            with loop(b, 0, a["kc"], name="k") as k:
                 so, do = b.mul(k, a["ldb"]), b.mul(k, i64(NR))
                 for v in range(NV):
                     x = _load_vec(b, vt, src, b.add(so, i64(v * VW)), masks[v])
                     _store(b, x, dst, b.add(do, i64(v * VW)), align=4 * VW)
-            with _for(b, a["kc"], a["kcp"], name="kz") as k:  # zero rows kc..kcp
+            with loop(b, a["kc"], a["kcp"], name="kz") as k:  # zero rows kc..kcp
                 for v in range(NV):
                     _store(b, zero, dst, b.add(b.mul(k, i64(NR)), i64(v * VW)), align=4 * VW)
 
-        with _for(b, 0, a["nc"], NR, name="q") as q:
+        with loop(b, 0, a["nc"], NR, name="q") as q:
             cols = b.sub(a["nc"], q)
             with b.if_else(b.icmp_signed(">=", cols, i64(NR)), likely=True) as (full, part):
                 with full:
                     copy_panel(q, [None] * NV)
                 with part:  # the last, partial panel: masked loads, zeros beyond nc
-                    n = _splat_i32(b, b.trunc(cols, I32), VW)
+                    n = splat(b, b.trunc(cols, I32), VW)
                     copy_panel(q, [b.icmp_signed("<", iota[v], n) for v in range(NV)])
         b.ret_void()
         return fn
@@ -505,7 +465,7 @@ class GemmGenerator:
         args = [("M", I64), ("N", I64), ("K", I64), ("A", PTR), ("lda", I64), ("B", PTR),
                 ("ldb", I64), ("C", PTR), ("ldc", I64), ("accumulate", I32), ("part", I64),
                 ("nparts", I64), ("workspace", PTR), *self.epi.args]
-        fn, b, a = _new_function(mod, self.name, args)
+        fn, b, a = new_function(mod, self.name, args)
         M, N, K, part, nparts = a["M"], a["N"], a["K"], a["part"], a["nparts"]
         ap = a["workspace"]
         bp = _addr(b, F32, ap, _round_up(MC * KC, 16))
@@ -534,10 +494,10 @@ class GemmGenerator:
                        b.mul(pa, b.mul(M, ceil_div(cols_n, i64(NC)))))
         by_m = b.icmp_signed("<=", work_m, work_n)
         per_m, per_n = ceil_div(tm, nparts), ceil_div(tn, nparts)
-        m_lo = _min(b, b.mul(b.mul(part, per_m), i64(MR)), M)
-        m_hi = _min(b, b.mul(b.mul(b.add(part, i64(1)), per_m), i64(MR)), M)
-        n_lo = _min(b, b.mul(b.mul(part, per_n), i64(NR)), N)
-        n_hi = _min(b, b.mul(b.mul(b.add(part, i64(1)), per_n), i64(NR)), N)
+        m_lo = imin(b, b.mul(b.mul(part, per_m), i64(MR)), M)
+        m_hi = imin(b, b.mul(b.mul(b.add(part, i64(1)), per_m), i64(MR)), M)
+        n_lo = imin(b, b.mul(b.mul(part, per_n), i64(NR)), N)
+        n_hi = imin(b, b.mul(b.mul(b.add(part, i64(1)), per_n), i64(NR)), N)
         m0, m1 = b.select(by_m, m_lo, i64(0)), b.select(by_m, m_hi, M)
         n0, n1 = b.select(by_m, i64(0), n_lo), b.select(by_m, N, n_hi)
         with b.if_then(b.or_(b.icmp_signed(">=", m0, m1), b.icmp_signed(">=", n0, n1))):
@@ -549,15 +509,15 @@ class GemmGenerator:
         nc_blk = balanced(b.sub(n1, n0), NC, NR)
         mc_blk = balanced(b.sub(m1, m0), MC, MR)
         kc_blk = balanced(K, KC, c.unroll)
-        with _for(b, n0, n1, nc_blk, name="jc") as jc:
-            nc = _min(b, nc_blk, b.sub(n1, jc))
+        with loop(b, n0, n1, nc_blk, name="jc") as jc:
+            nc = imin(b, nc_blk, b.sub(n1, jc))
             # do { ... } while (pc < K): one pass even when K == 0 (C = 0 or C, + epilogue)
-            pc_var = _var(b, i64(0), "pc")
+            pc_var = var(b, i64(0), "pc")
             body = b.append_basic_block("pc.body")
             b.branch(body)
             b.position_at_end(body)
             pc = b.load(pc_var, typ=I64, name="pc")
-            kc = _min(b, kc_blk, b.sub(K, pc))
+            kc = imin(b, kc_blk, b.sub(K, pc))
             kcp = b.mul(ceil_div(kc, i64(c.unroll)), i64(c.unroll))
             pc_next = b.add(pc, kc_blk)
             last = b.icmp_signed(">=", pc_next, K)
@@ -566,15 +526,15 @@ class GemmGenerator:
                           b.select(last, ir.Constant(I32, FLAG_EPILOGUE), ir.Constant(I32, 0)))
             b.call(pack_b, [kc, kcp, nc, _addr(b, F32, a["B"], b.add(b.mul(pc, a["ldb"]), jc)),
                             a["ldb"], bp])
-            with _for(b, m0, m1, mc_blk, name="ic") as ic:
-                mc = _min(b, mc_blk, b.sub(m1, ic))
+            with loop(b, m0, m1, mc_blk, name="ic") as ic:
+                mc = imin(b, mc_blk, b.sub(m1, ic))
                 b.call(pack_a, [mc, kc, kcp, _addr(b, F32, a["A"], b.add(b.mul(ic, a["lda"]), pc)),
                                 a["lda"], ap])
-                with _for(b, 0, nc, NR, name="jr") as jr:
-                    nr = _min(b, i64(NR), b.sub(nc, jr))
+                with loop(b, 0, nc, NR, name="jr") as jr:
+                    nr = imin(b, i64(NR), b.sub(nc, jr))
                     col = b.add(jc, jr)
-                    with _for(b, 0, mc, MR, name="ir") as ir_:
-                        mr = _min(b, i64(MR), b.sub(mc, ir_))
+                    with loop(b, 0, mc, MR, name="ir") as ir_:
+                        mr = imin(b, i64(MR), b.sub(mc, ir_))
                         row = b.add(ic, ir_)
                         cptr = _addr(b, F32, a["C"], b.add(b.mul(row, a["ldc"]), col))
                         b.call(ukernel, [kcp, _addr(b, F32, ap, b.mul(ir_, kcp)),
@@ -586,7 +546,7 @@ class GemmGenerator:
             b.position_at_end(after)
         b.ret_void()
 
-        ws, _, _ = _new_function(mod, f"{self.name}_workspace_bytes", [], ret=I64)
+        ws, _, _ = new_function(mod, f"{self.name}_workspace_bytes", [], ret=I64)
         wb = ir.IRBuilder(ws.blocks[0])
         wb.ret(i64(4 * c.workspace_floats))
         return fn
