@@ -86,3 +86,18 @@ def test_netspec_net_runs(rng):
     net = graphc.Net(lenet(batch=2), seed=0)
     out = net.forward(data=rng.standard_normal((2, 1, 28, 28)).astype(np.float32))
     assert out["prob"].shape == (2, 10)
+
+
+def test_weights_of_layers_absent_from_the_net_are_ignored(tmp_path, rng):
+    """Caffe's CopyTrainedLayersFrom: matched by layer name, extra layers ignored."""
+    full = graphc.Net(LENET, seed=3)
+    full.save(str(tmp_path / "lenet.caffemodel"))
+    text = (ROOT / "examples" / "lenet.prototxt").read_text()
+    head = text[:text.index('layer {\n  name: "pool1"')]      # data + conv1 only
+    (tmp_path / "head.prototxt").write_text(head)
+    net = graphc.Net(str(tmp_path / "head.prototxt"), weights=str(tmp_path / "lenet.caffemodel"))
+    assert list(net.params) == ["conv1"]
+    np.testing.assert_array_equal(net.params["conv1"][0], full.params["conv1"][0])
+    x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
+    full.forward(data=x)
+    np.testing.assert_array_equal(net.forward(data=x)["conv1"], full.blobs["conv1"])
