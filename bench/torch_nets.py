@@ -16,6 +16,7 @@ return the weighted loss under the key ``"loss"``.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,35 +43,31 @@ def require_torch():
     return torch
 
 
-#: glibc mallopt parameters and the values ``tune_malloc`` sets
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_TUNING = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 1 << 30,
-                 "M_TOP_PAD": 256 << 20}
+#: glibc malloc settings (read from the environment when the process starts)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+              "MALLOC_TOP_PAD_": str(512 << 20)}
 
 
-def tune_malloc() -> str:
-    """Keep freed memory in glibc's heap instead of returning it to the kernel.
+def tuned_malloc(enabled: bool = True) -> str:
+    """Keep freed memory in glibc's heap instead of handing it back to the kernel; returns
+    a line for the report.  Re-executes the script once with the settings in its
+    environment (glibc reads them at start-up only).
 
-    PyTorch's CPU allocator is plain malloc: with glibc's defaults every large tensor is a
-    fresh mmap that is page-faulted in and unmapped again, so eager PyTorch spends much
-    of a batch-16 ResNet-50 in the kernel (about 1.3 GB of page faults per run here, and
-    twice that once ONNX Runtime has run in the same process).  PyTorch's CPU
-    performance guides recommend jemalloc/tcmalloc or these settings.  Returns a line for
-    the report (or why it was not done)."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(code, value) == 1 for code, value in (
-            (_M_MMAP_THRESHOLD, MALLOC_TUNING["M_MMAP_THRESHOLD"]),
-            (_M_TRIM_THRESHOLD, MALLOC_TUNING["M_TRIM_THRESHOLD"]),
-            (_M_TOP_PAD, MALLOC_TUNING["M_TOP_PAD"])))
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        return "glibc malloc defaults (mallopt unavailable)"
-    return ("glibc malloc tuned with mallopt (" + ", ".join(
-        f"{k}={v >> 20} MiB" for k, v in MALLOC_TUNING.items()) + ") for the whole process, "
-        "as PyTorch's CPU tuning guides advise")
+    PyTorch's CPU allocator is plain malloc: with glibc's defaults a large tensor is a
+    fresh mmap, page-faulted in and unmapped again on every run, so eager PyTorch spends
+    a large part of a batch-16 ResNet-50 in the kernel (about 0.5-0.9 million page faults
+    per run here, more once ONNX Runtime has run in the same process; 1.1-1.5 s against
+    0.55 s with these settings).  PyTorch's CPU performance guides recommend jemalloc or
+    tcmalloc, or tuning glibc like this.  graphc and ONNX Runtime allocate arenas once."""
+    if not enabled:
+        return "glibc malloc defaults"
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.environ.update(MALLOC_ENV)
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return ("glibc malloc tuned for the whole process (" +
+            ", ".join(f"{k}={int(v) >> 20} MiB" for k, v in MALLOC_ENV.items()) +
+            "; PyTorch's big tensors otherwise cost a page fault per 4 KiB on every run)")
 
 
 def _torch_pool_size(n, k, s, p, ceil: bool) -> int:

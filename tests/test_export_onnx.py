@@ -287,7 +287,6 @@ def test_inplace_blob_output_keeps_its_name(rng):
     assert [o.name for o in model.graph.output] == ["h", "y"]
     x = rng.standard_normal((2, 3)).astype(np.float32)
     h, y = run_onnx(model, {"x": x})
-    assert rel_l2(h, np.maximum(np.tanh(x), 0) + 1.0) >= 0   # shape and finiteness
     assert np.allclose(h, np.maximum(np.tanh(x), 0), rtol=1e-6, atol=1e-7)
     assert np.allclose(y, 1 / (1 + np.exp(-np.maximum(np.tanh(x), 0))), rtol=1e-5)
 
