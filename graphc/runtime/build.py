@@ -29,7 +29,16 @@ from ..errors import GraphcError
 from ..ir.graph import Graph
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = ROOT / "templates"
+
+
+def _templates_dir() -> Path:
+    """templates/: inside the package once installed (graphc/templates, see setup.py), at
+    the top of the source tree otherwise."""
+    installed = Path(__file__).resolve().parents[1] / "templates"
+    return installed if installed.is_dir() else ROOT / "templates"
+
+
+TEMPLATES = _templates_dir()
 EXPORTS = ["graphc_create", "graphc_create_ex", "graphc_destroy", "graphc_set_input",
            "graphc_run", "graphc_get_output", "graphc_error_message", "graphc_net_name",
            "graphc_num_inputs", "graphc_num_outputs", "graphc_input_name",
