@@ -16,13 +16,16 @@ import math
 
 from ....ir.graph import Graph, Node
 from ....passes.alias import VIEW_OPS
-from . import conv, linear, lrn, pointwise, pool, softmax, tensor
+from . import conv, deconv, embed, linear, lrn, pointwise, pool, reduce, softmax, tensor
 from .pointwise import NotPointwise
 
 ANCHORS = {"Convolution": conv, "InnerProduct": linear}
 SINGLE = {"Pooling": pool.lower_pool, "LRN": lrn.lower_lrn, "Softmax": softmax.lower_softmax,
           "Concat": tensor.lower_concat, "Slice": tensor.lower_slice,
-          "Crop": tensor.lower_crop, "Tile": tensor.lower_tile}
+          "Crop": tensor.lower_crop, "Tile": tensor.lower_tile,
+          "Deconvolution": deconv.lower_deconv, "Embed": embed.lower_embed,
+          "ArgMax": reduce.lower_argmax, "Reduction": reduce.lower_reduction,
+          "MVN": reduce.lower_mvn}
 
 
 class NotEpilogue(Exception):
@@ -73,7 +76,9 @@ def supported(g: Graph, n: Node) -> tuple[str, str] | None:
     if first in ANCHORS:
         return ANCHORS[first].supported(g, n, body[0])
     if first in SINGLE:
-        mod = {"Pooling": pool, "LRN": lrn, "Softmax": softmax}.get(first, tensor)
+        mod = {"Pooling": pool, "LRN": lrn, "Softmax": softmax, "Deconvolution": deconv,
+               "Embed": embed, "ArgMax": reduce, "Reduction": reduce,
+               "MVN": reduce}.get(first, tensor)
         return mod.supported(g, n)
     if first in pointwise.POINTWISE_OPS:
         if first == "Dropout" and n.attrs.get("train"):
@@ -83,7 +88,8 @@ def supported(g: Graph, n: Node) -> tuple[str, str] | None:
                     "compile the test phase, or set use_global_stats: true")
         return None
     return (f"there is no CPU kernel for {n.op} layers",
-            "kernels exist for Convolution, InnerProduct, Pooling, LRN, Softmax, Concat, "
+            "kernels exist for Convolution, Deconvolution, InnerProduct, Embed, Pooling, "
+            "LRN, Softmax, ArgMax, Reduction, MVN, Concat, "
             "Slice, Crop, Tile, Eltwise, Scale, Bias, BatchNorm, ReLU, PReLU, ELU, Sigmoid, "
             "TanH, AbsVal, Power, Exp, Log, BNLL, Threshold, Dropout, Reshape, Flatten, Split; "
             "run this net with the reference executor (backend='reference')")
