@@ -1,0 +1,449 @@
+"""Run a CudaProgram on the CPU: the CUDA C of its kernels compiled as C++ against
+emulate.h, its launches run in order on a numpy arena.  For tests (every generated
+kernel checked against the reference executor without a GPU) and for debugging kernels.
+
+    run_program(program, {"data": x})  ->  {"prob": y, ...}
+    module = compile_module(source, ["vadd"]);  module.launch("vadd", grid, block, 0, args)
+
+What a GPU would catch is caught here too and raised as a GraphcError naming the kernel
+and the layer: out-of-bounds writes to the arena or the weights (poisoned guard regions
+around both, checked after every launch), writes to the weights, outputs left unwritten
+(the arena starts as NaN), launch arguments that do not match the kernel's parameters,
+and everything emulate.h checks inside a launch (divergent or deadlocked barriers, bad
+warp masks, misaligned accesses, fixed-bound array indices, shared memory overruns).
+
+Compiling needs a C++20 compiler (g++ or $CXX); each distinct source is built once into
+the graphc cache ($GRAPHC_CACHE, else ~/.cache/graphc) under cuda-emu/.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import GraphcError
+from .program import Arg, CudaProgram
+
+HEADER = Path(__file__).with_name("emulate.h")
+
+#: headers a kernel may include, answered by emulate.h
+CUDA_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "cuda_runtime.h", "cuda_runtime_api.h",
+                "cuda.h", "device_launch_parameters.h", "vector_types.h", "math_constants.h",
+                "cuda_fp16.hpp", "cuda_bf16.hpp", "device_functions.h", "sm_60_atomic_functions.h")
+
+#: bytes of poison around the arena and the weights (a write there is out of bounds)
+GUARD = 1 << 20
+#: every byte of fresh memory: NaN as float32, float16 and bfloat16 alike
+POISON = 0xFF
+
+#: the parameter kinds of emulate.h's signature string, for each Arg kind
+_PARAM_OF_ARG = {"arena": "p", "weights": "p", "i32": "i", "i64": "l", "f32": "f"}
+_PARAM_WORDS = {"p": "a pointer", "i": "a 32-bit integer", "l": "a 64-bit integer",
+                "f": "a float", "d": "a double", "?": "a type the emulator cannot pass"}
+
+_ERR_CAP = 2048
+
+
+# ---------------------------------------------------------------------------------------
+# the source as C++
+
+
+_ALIGN = r"(?:__align__\s*\(\s*\d+\s*\)\s*)?"
+_TYPE = r"((?:(?:const|volatile|unsigned|signed|struct)\s+)*[A-Za-z_][\w:]*(?:\s*<[^<>;{}]*>)?)"
+_SHARED = re.compile(
+    r"\b__shared__\s+(" + _ALIGN + r")" + _TYPE + r"\s+(" + _ALIGN + r")"
+    r"([A-Za-z_]\w*)\s*((?:\[[^\[\];]+\]\s*)*);")
+_EXTERN_SHARED = re.compile(
+    r"\bextern\s+__shared__\s+" + _ALIGN + _TYPE + r"\s+" + _ALIGN +
+    r"([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+_ALIGN_N = re.compile(r"__align__\s*\(\s*(\d+)\s*\)")
+
+
+def _depth_at(source: str):
+    """A function: position -> brace depth there (comments and strings ignored)."""
+    marks = []
+    depth = 0
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if source.startswith("//", i):
+            j = source.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if source.startswith("/*", i):
+            j = source.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        if c in "\"'":
+            j = i + 1
+            while j < n and source[j] != c:
+                j += 2 if source[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "{":
+            depth += 1
+            marks.append((i, depth))
+        elif c == "}":
+            depth -= 1
+            marks.append((i, depth))
+        i += 1
+    starts = [m[0] for m in marks]
+
+    def at(pos: int) -> int:
+        import bisect
+        k = bisect.bisect_left(starts, pos)
+        return marks[k - 1][1] if k else 0
+    return at
+
+
+def emulation_source(source: str) -> str:
+    """The module's CUDA C with its shared memory declarations made per-block: a plain
+    ``__shared__ T name[dims];`` inside a function becomes a reference into the running
+    block's shared memory (poisoned when the block starts), ``extern __shared__ T name[];``
+    a pointer to the launch's dynamic shared memory."""
+    depth = _depth_at(source)
+    counter = iter(range(1 << 30))
+
+    def shared(m: re.Match) -> str:
+        if depth(m.start()) == 0:
+            return m.group(0)          # namespace scope: stays per-worker static storage
+        aligns = [int(a) for a in _ALIGN_N.findall(m.group(1) + m.group(3))] or [0]
+        t, name, dims = m.group(2), m.group(4), re.sub(r"\s+", "", m.group(5))
+        key = f"__emu_shared_key_{next(counter)}"
+        return (f"static const char {key} = 0; "
+                f"auto &{name} = ::__emu::shared_var<{t}{dims}, {max(aligns)}>(&{key});")
+
+    def extern_shared(m: re.Match) -> str:
+        t, name = m.group(1), m.group(2)
+        if depth(m.start()) == 0:
+            return (f"#define {name} (reinterpret_cast<{t} *>(::__emu::dynamic_smem()))\n")
+        return f"{t} *const {name} = reinterpret_cast<{t} *>(::__emu::dynamic_smem());"
+
+    out = _EXTERN_SHARED.sub(extern_shared, source)
+    depth = _depth_at(out)
+    return _SHARED.sub(shared, out)
+
+
+def _launchers(kernels: list[str]) -> str:
+    lines = ["\n// ---- emulator launchers ----"]
+    for k in kernels:
+        lines.append(
+            f'extern "C" int __emu_launch_{k}(const unsigned *cfg, unsigned long smem, '
+            f"int workers, const uint64_t *args, int nargs, char *err, unsigned long cap) "
+            f"{{ return ::__emu::launch_kernel(&{k}, cfg, smem, workers, args, nargs, err, "
+            f"cap); }}")
+        lines.append(f'extern "C" const char *__emu_signature_{k}(void) '
+                     f"{{ return ::__emu::signature_of(&{k}); }}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# building
+
+
+def _cache_root() -> Path:
+    from ...runtime.build import cache_dir
+    return cache_dir() / "cuda-emu"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+_COMPILER_ID: dict[str, str] = {}
+
+
+def _compiler_id(cxx: str) -> str:
+    if cxx not in _COMPILER_ID:
+        try:
+            out = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise GraphcError(f"the CUDA emulator needs a C++20 compiler; '{cxx}' does not run "
+                              f"({e})", hint="install g++ or set CXX") from None
+        _COMPILER_ID[cxx] = out.splitlines()[0] if out else cxx
+    return _COMPILER_ID[cxx]
+
+
+_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w",
+          "-fsanitize=alignment,bounds", "-fno-sanitize-recover=all"]
+
+
+@dataclass
+class EmulatedModule:
+    """One compiled module: its kernels, launchable on host memory."""
+    path: Path
+    kernels: tuple[str, ...]
+    lib: ctypes.CDLL
+
+    def signature(self, kernel: str) -> str:
+        """One letter per parameter: p pointer, i 32-bit int, l 64-bit int, f float,
+        d double, ? other."""
+        fn = getattr(self.lib, f"__emu_signature_{kernel}")
+        fn.restype = ctypes.c_char_p
+        return fn().decode()
+
+    def launch(self, kernel: str, grid, block, smem: int, args: list, *,
+               workers: int | None = None) -> None:
+        """Run one launch.  ``args``: (kind, value) pairs: "p" an address (int), "i"/"l"
+        an integer, "f" a float.  Raises GraphcError with what went wrong."""
+        if kernel not in self.kernels:
+            raise GraphcError(f"kernel '{kernel}' is not in the emulated module "
+                              f"(it has {', '.join(self.kernels)})")
+        slots = (ctypes.c_uint64 * max(1, len(args)))()
+        for i, (kind, value) in enumerate(args):
+            if kind == "f":
+                slots[i] = int(np.array([value], np.float32).view(np.uint32)[0])
+            elif kind == "i":
+                slots[i] = int(value) & 0xFFFFFFFF
+            else:
+                slots[i] = int(value) & 0xFFFFFFFFFFFFFFFF
+        cfg = (ctypes.c_uint * 6)(*_dim3(grid), *_dim3(block))
+        err = ctypes.create_string_buffer(_ERR_CAP)
+        fn = getattr(self.lib, f"__emu_launch_{kernel}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong]
+        rc = fn(cfg, int(smem), int(workers or default_workers()), slots, len(args), err,
+                _ERR_CAP)
+        if rc:
+            raise GraphcError(f"kernel '{kernel}' grid {tuple(_dim3(grid))} block "
+                              f"{tuple(_dim3(block))}: {err.value.decode(errors='replace')}")
+
+
+def _dim3(v) -> tuple[int, int, int]:
+    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,)))
+    return (t + (1, 1, 1))[:3]
+
+
+def default_workers() -> int:
+    """Blocks run on this many threads at once ($GRAPHC_EMU_THREADS, else the CPUs, at
+    most 4)."""
+    env = os.environ.get("GRAPHC_EMU_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+_LOADED: dict[str, EmulatedModule] = {}
+_LOCK = threading.Lock()
+
+
+def compile_module(source: str, kernels, *, arch: str = "sm_90") -> EmulatedModule:
+    """Compile CUDA C ``source`` for the emulator, with a launcher for each of
+    ``kernels`` (names of its ``extern "C" __global__`` functions)."""
+    kernels = tuple(dict.fromkeys(kernels))
+    for k in kernels:
+        if not re.fullmatch(r"[A-Za-z_]\w*", k):
+            raise GraphcError(f"'{k}' is not a kernel name")
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    cuda_arch = int(m.group(1)) * 10 if m else 900
+    text = (f"#define __CUDA_ARCH__ {cuda_arch}\n#include \"emulate.h\"\n#line 1 \"kernels.cu\"\n"
+            + emulation_source(source) + _launchers(list(kernels)))
+    cxx = _compiler()
+    header = HEADER.read_bytes()
+    h = hashlib.blake2b(digest_size=16)
+    for part in (text.encode(), header, _compiler_id(cxx).encode(), " ".join(_FLAGS).encode()):
+        h.update(part)
+        h.update(b"\0")
+    key = h.hexdigest()
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        root = _cache_root()
+        so = root / f"{key}.so"
+        if not so.exists():
+            _build(text, header, root, so, cxx)
+        mod = EmulatedModule(so, kernels, ctypes.CDLL(str(so)))
+        _LOADED[key] = mod
+        return mod
+
+
+def _build(text: str, header: bytes, root: Path, so: Path, cxx: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        t = Path(tmp)
+        inc = t / "include"
+        inc.mkdir()
+        (inc / "emulate.h").write_bytes(header)
+        for name in CUDA_HEADERS:
+            (inc / name).write_text('#include "emulate.h"\n')
+        src, obj = t / "kernels.cpp", t / "kernels.o"
+        src.write_text(text)
+        # compiled and linked apart: the sanitizer checks call emulate.h's handlers, so
+        # the library needs no sanitizer runtime
+        for cmd in ([cxx, *_FLAGS, "-I", str(inc), "-c", str(src), "-o", str(obj)],
+                    [cxx, "-shared", "-pthread", str(obj), "-o", str(t / "out.so")]):
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise GraphcError(f"the CUDA emulator could not run '{cxx}': {e}",
+                                  hint="install g++ or set CXX to a C++20 compiler") from None
+            if r.returncode:
+                log = "\n".join((r.stderr or r.stdout).splitlines()[:40])
+                raise GraphcError(f"the CUDA emulator could not compile the kernels as C++:\n{log}",
+                                  hint="the kernel uses CUDA that emulate.h does not provide, "
+                                       "or is not valid CUDA C")
+        os.replace(t / "out.so", so)
+
+
+# ---------------------------------------------------------------------------------------
+# running a program
+
+
+class _Guarded:
+    """A byte buffer with poisoned guard regions on both sides."""
+
+    def __init__(self, nbytes: int, fill: int = POISON):
+        self.nbytes = int(nbytes)
+        self.raw = np.full(self.nbytes + 2 * GUARD + 256, POISON, np.uint8)
+        start = (-self.raw.ctypes.data) % 256 + GUARD
+        self.start = start
+        self.data = self.raw[start:start + self.nbytes]
+        if fill != POISON:
+            self.data[:] = fill
+        self.base = self.raw.ctypes.data + start
+
+    def damage(self) -> tuple[str, int] | None:
+        """Where a guard was written: ("before"/"after", byte offset from the buffer)."""
+        lo = self.raw[self.start - GUARD:self.start]
+        hi = self.raw[self.start + self.nbytes:self.start + self.nbytes + GUARD]
+        bad = np.flatnonzero(lo != POISON)
+        if bad.size:
+            return "before", int(bad[0]) - GUARD
+        bad = np.flatnonzero(hi != POISON)
+        if bad.size:
+            return "after", self.nbytes + int(bad[0])
+        return None
+
+    def heal(self) -> None:
+        self.raw[self.start - GUARD:self.start] = POISON
+        self.raw[self.start + self.nbytes:self.start + self.nbytes + GUARD] = POISON
+
+
+def weights_bytes(weights) -> bytes:
+    """The program's weights blob as bytes (a WeightsBlob, bytes or an array)."""
+    if weights is None:
+        return b""
+    if isinstance(weights, (bytes, bytearray, memoryview)):
+        return bytes(weights)
+    if isinstance(weights, np.ndarray):
+        return weights.tobytes()
+    if hasattr(weights, "write"):
+        import io
+        f = io.BytesIO()
+        weights.write(f)
+        return f.getvalue()
+    raise GraphcError(f"the program's weights are a {type(weights).__name__}, which the "
+                      "emulator cannot read")
+
+
+def _layer_of(program: CudaProgram, node: int) -> tuple[str | None, str | None]:
+    try:
+        info = program.nodes[node]
+        return getattr(info, "name", None), getattr(info, "op", None)
+    except (IndexError, TypeError):
+        return None, None
+
+
+def run_program(program: CudaProgram, inputs: dict[str, np.ndarray], *,
+                workers: int | None = None, check_weights: bool = True,
+                return_arena: bool = False) -> dict[str, np.ndarray]:
+    """Run ``program``'s launches on the CPU and return its outputs (float32, by blob
+    name).  ``inputs``: float32 arrays by blob name, each of its input's shape."""
+    names = [t.name for t in program.outputs]
+    missing = [t.name for t in program.inputs if t.name not in inputs]
+    if missing:
+        raise GraphcError(f"net '{program.name}': no value for input(s) {', '.join(missing)}")
+    unknown = sorted(set(inputs) - {t.name for t in program.inputs})
+    if unknown:
+        raise GraphcError(f"net '{program.name}' has no input(s) {', '.join(unknown)} "
+                          f"(its inputs: {', '.join(t.name for t in program.inputs)})")
+    module = compile_module(program.source, [ln.kernel for ln in program.launches],
+                            arch=program.arch)
+    arena = _Guarded(program.arena_bytes)
+    wbytes = weights_bytes(program.weights)
+    weights = _Guarded(len(wbytes))
+    weights.data[:] = np.frombuffer(wbytes, np.uint8)
+    for t in program.inputs:
+        x = np.asarray(inputs[t.name], dtype=np.float32)
+        if x.shape != tuple(t.shape):
+            raise GraphcError(f"input '{t.name}' has shape {x.shape}; the program was compiled "
+                              f"for {tuple(t.shape)}", hint="recompile for this shape")
+        _check_range(program, "input", t.name, t.offset, x.nbytes, arena.nbytes)
+        arena.data[t.offset:t.offset + x.nbytes] = np.ascontiguousarray(x).view(np.uint8).ravel()
+    signatures: dict[str, str] = {}
+    for i, ln in enumerate(program.launches):
+        layer, op = _layer_of(program, ln.node)
+        where = f"launch {i} (kernel '{ln.kernel}')"
+        sig = signatures.get(ln.kernel)
+        if sig is None:
+            sig = signatures[ln.kernel] = module.signature(ln.kernel)
+        args = _resolve(ln.args, sig, arena, weights, where, layer, op)
+        try:
+            module.launch(ln.kernel, ln.grid, ln.block, ln.smem, args, workers=workers)
+        except GraphcError as e:
+            raise GraphcError(f"{where}: {e.message}", layer=layer, layer_type=op) from None
+        for buf, what in ((arena, "arena"), (weights, "weights")):
+            hit = buf.damage()
+            if hit:
+                side, off = hit
+                raise GraphcError(f"{where} wrote out of bounds, {side} the {what} (byte "
+                                  f"{off} of {buf.nbytes})", layer=layer, layer_type=op)
+        if check_weights and not np.array_equal(weights.data, np.frombuffer(wbytes, np.uint8)):
+            at = int(np.flatnonzero(weights.data != np.frombuffer(wbytes, np.uint8))[0])
+            raise GraphcError(f"{where} wrote into the weights (byte {at})", layer=layer,
+                              layer_type=op)
+    out = {}
+    for t in program.outputs:
+        n = int(np.prod(t.shape)) * 4
+        _check_range(program, "output", t.name, t.offset, n, arena.nbytes)
+        raw = arena.data[t.offset:t.offset + n].view(np.uint32)
+        unwritten = np.flatnonzero(raw == 0xFFFFFFFF)
+        if unwritten.size:
+            raise GraphcError(f"net '{program.name}': {unwritten.size} of {raw.size} elements of "
+                              f"output '{t.name}' were never written (first: flat index "
+                              f"{int(unwritten[0])})")
+        out[t.name] = raw.view(np.float32).reshape(t.shape).copy()
+    if return_arena:
+        out["__arena__"] = arena.data.copy()
+    return {k: out[k] for k in names + (["__arena__"] if return_arena else [])}
+
+
+def _check_range(program, what, name, offset, nbytes, size):
+    if offset < 0 or offset + nbytes > size:
+        raise GraphcError(f"net '{program.name}': {what} '{name}' at bytes "
+                          f"[{offset}, {offset + nbytes}) lies outside the {size}-byte arena")
+
+
+def _resolve(args: list[Arg], sig: str, arena: _Guarded, weights: _Guarded, where, layer, op):
+    def err(msg):
+        return GraphcError(f"{where}: {msg}", layer=layer, layer_type=op)
+    if len(args) != len(sig):
+        raise err(f"the launch passes {len(args)} arguments; the kernel takes {len(sig)}")
+    out = []
+    for j, (a, p) in enumerate(zip(args, sig)):
+        want = _PARAM_OF_ARG[a.kind]
+        if want != p:
+            raise err(f"argument {j} is {a.kind} ({_PARAM_WORDS[want]}); the kernel's parameter "
+                      f"{j} is {_PARAM_WORDS.get(p, p)}")
+        if a.kind in ("arena", "weights"):
+            buf = arena if a.kind == "arena" else weights
+            off = int(a.value)
+            if not 0 <= off <= buf.nbytes:
+                raise err(f"argument {j}: offset {off} is outside the {buf.nbytes}-byte {a.kind}")
+            out.append(("p", buf.base + off))
+        elif a.kind == "f32":
+            out.append(("f", float(a.value)))
+        else:
+            out.append(("i" if a.kind == "i32" else "l", int(a.value)))
+    return out
