@@ -9,6 +9,9 @@
     net = graphc.Net("train.prototxt", phase="train")
     loss = net.forward_backward(data=x, label=y)   # total weighted loss
     net.grads["conv1.0"]               # gradient of each param (by param name)
+
+    net = graphc.Net("net.prototxt", weights=..., backend="cuda", precision="fp32")
+    # forward compiles for the GPU (cached) and runs there; backend="cpu" likewise
 """
 from __future__ import annotations
 
@@ -33,12 +36,18 @@ def _updates_params(n) -> bool:
 class Net:
     def __init__(self, model, weights=None, phase: str = "test", *, level: int | None = None,
                  stages=(), batch: int | None = None, seed: int | None = None,
-                 backend: str = "reference"):
-        if backend not in ("reference", "cpu"):
+                 backend: str = "reference", arch: str = "sm_90", precision: str = "tf32"):
+        if backend not in ("reference", "cpu", "cuda"):
             raise GraphcError(f"backend '{backend}' is not available in this build",
-                              hint="use backend='reference' or backend='cpu'")
+                              hint="use backend='reference', 'cpu' or 'cuda'")
+        if backend == "cuda":      # fail now, not at the first forward
+            from .runtime.cuda_build import check_precision, parse_arch, require_cuda_bindings
+            parse_arch(arch)
+            check_precision(precision)
+            require_cuda_bindings()
         self.backend = backend
-        self._compiled = None      # the CompiledNet of the cpu backend, built on demand
+        self._cuda = (arch, precision)   # the cuda backend's --arch and --precision
+        self._compiled = None      # the CompiledNet of the cpu/cuda backend, built on demand
         self.source: NetSource = load_net_source(model)
         self.phase = phase
         self._lower_args = dict(phase=phase, level=level, stages=tuple(stages))
@@ -102,7 +111,7 @@ class Net:
         feeds = self._feeds(inputs)
         g = self.graph
         self._remember(feeds)
-        if self.backend == "cpu":
+        if self.backend in ("cpu", "cuda"):
             out = self._cpu_net().forward(**{b: self.blobs[b] for b in self.inputs})
             for blob, value in out.items():
                 self.blobs[blob] = value
@@ -215,10 +224,15 @@ class Net:
 
     # ---- the cpu backend ------------------------------------------------------------
     def _cpu_net(self):
+        """The compiled net of the cpu or cuda backend (built through the cache)."""
         if self._compiled is None:
-            from .runtime.build import cached_library
             from .runtime.loader import load
-            self._compiled = load(cached_library(self.graph))
+            if self.backend == "cuda":
+                from .runtime.cuda_build import cached_cuda_library
+                self._compiled = load(cached_cuda_library(self.graph, *self._cuda))
+            else:
+                from .runtime.build import cached_library
+                self._compiled = load(cached_library(self.graph))
         return self._compiled
 
     def recompile(self) -> None:
