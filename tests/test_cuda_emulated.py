@@ -1,0 +1,451 @@
+"""CUDA kernels checked on the CPU: the emulator (graphc/codegen/cuda/emulate.py + .h)
+on kernels written here against numpy, the faults a GPU would report, and whole
+programs from the CUDA code generator against the reference executor."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphc.codegen.cuda.emulate import compile_module, run_program
+from graphc.codegen.cuda.program import Arg, CudaProgram, Launch
+from graphc.codegen.llvm.lower import NodeInfo, TensorInfo
+from graphc.errors import GraphcError
+from graphc.runtime.testing import rel_l2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emu_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRAPHC_CACHE", str(tmp_path_factory.mktemp("graphc-cache")))
+    yield
+    mp.undo()
+
+
+KERNELS = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
+using namespace nvcuda;
+
+extern "C" __global__ void vadd(const float *__restrict__ a, const float *__restrict__ b,
+                                float *__restrict__ c, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) c[i] = a[i] + b[i];
+}
+
+// one partial sum per block: a tree in shared memory, 2D blocks
+extern "C" __global__ void block_sum(const float *x, float *out, int n) {
+    __shared__ float s[16][16];
+    int t = threadIdx.y * blockDim.x + threadIdx.x;
+    int i = blockIdx.x * 256 + t;
+    (&s[0][0])[t] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    for (int k = 128; k > 0; k >>= 1) {
+        if (t < k) (&s[0][0])[t] += (&s[0][0])[t + k];
+        __syncthreads();
+    }
+    if (t == 0) out[blockIdx.x] = s[0][0];
+}
+
+// per-warp max by __shfl_xor_sync, sum by __shfl_down_sync, count of positives by ballot
+extern "C" __global__ void warp_reduce(const float *x, float *wmax, float *wsum, int *npos,
+                                       int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int warp = i / 32;
+    float v = i < n ? x[i] : -INFINITY;
+    float m = v;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float s = i < n ? x[i] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    unsigned b = __ballot_sync(0xffffffffu, i < n && x[i] > 0.0f);
+    float first = __shfl_sync(0xffffffffu, v, 0);
+    if ((threadIdx.x & 31) == 0) {
+        wmax[warp] = m;
+        wsum[warp] = s;
+        npos[warp] = __popc(b);
+    } else if ((threadIdx.x & 31) == 5) {
+        // every lane holds lane 0's value after the broadcast
+        if (first != m && first > m) npos[warp] = -1;
+    }
+}
+
+extern "C" __global__ void atomics(const float *x, const int *bin, float *sums, int *maxv,
+                                   unsigned *count, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    atomicAdd(&sums[bin[i]], x[i]);
+    atomicMax(&maxv[bin[i]], __float2int_rn(x[i] * 1000.0f));
+    atomicAdd(count, 1u);
+}
+
+// C[M,N] = A[M,K] B[K,N], one 16x16 tile per warp, 2 x 2 warps per block
+#define WMMA_GEMM(NAME, T, K_STEP, PREC, CONVERT)                                      \
+extern "C" __global__ void NAME(const T *A, const T *B, float *C, int M, int N, int K) { \
+    int warp = threadIdx.x / 32;                                                         \
+    int tm = (blockIdx.y * 2 + warp / 2) * 16, tn = (blockIdx.x * 2 + warp % 2) * 16;    \
+    if (tm >= M || tn >= N) return;                                                      \
+    wmma::fragment<wmma::matrix_a, 16, 16, K_STEP, PREC, wmma::row_major> a;             \
+    wmma::fragment<wmma::matrix_b, 16, 16, K_STEP, PREC, wmma::col_major> b;             \
+    wmma::fragment<wmma::accumulator, 16, 16, K_STEP, float> c;                          \
+    wmma::fill_fragment(c, 0.0f);                                                        \
+    for (int k = 0; k < K; k += K_STEP) {                                                \
+        wmma::load_matrix_sync(a, A + tm * K + k, K);                                    \
+        wmma::load_matrix_sync(b, B + tn * K + k, K);                                    \
+        CONVERT                                                                          \
+        wmma::mma_sync(c, a, b, c);                                                      \
+    }                                                                                    \
+    wmma::store_matrix_sync(C + tm * N + tn, c, N, wmma::mem_row_major);                 \
+}
+#define TO_TF32                                                                          \
+    for (int e = 0; e < a.num_elements; e++) a.x[e] = wmma::__float_to_tf32(a.x[e]);    \
+    for (int e = 0; e < b.num_elements; e++) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+WMMA_GEMM(gemm_tf32, float, 8, wmma::precision::tf32, TO_TF32)
+WMMA_GEMM(gemm_f16, __half, 16, __half, )
+WMMA_GEMM(gemm_bf16, __nv_bfloat16, 16, __nv_bfloat16, )
+
+extern "C" __global__ void convert(const float *x, unsigned short *h, unsigned short *bf,
+                                   float *tf, float *back, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    __half hv = __float2half_rn(x[i]);
+    __nv_bfloat16 bv = __float2bfloat16(x[i]);
+    h[i] = __half_as_ushort(hv);
+    bf[i] = __bfloat16_as_ushort(bv);
+    tf[i] = wmma::__float_to_tf32(x[i]);
+    back[i] = __half2float(hv);
+}
+
+// y = alpha * x + b[c], over n elements of C channels of `inner` each, dynamic smem for b
+extern "C" __global__ void scale_bias(const float *x, const float *b, float *y, float alpha,
+                                      long long n, int C, int inner) {
+    extern __shared__ __align__(16) float sb[];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) sb[c] = b[c];
+    __syncthreads();
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = alpha * x[i] + sb[(i / inner) % C];
+}
+"""
+
+FAULTS = r"""
+extern "C" __global__ void shared_index(float *out) {
+    __shared__ float s[32];
+    s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x];
+}
+extern "C" __global__ void divergent_barrier(float *out) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void barrier_deadlock(float *out) {
+    if (threadIdx.x == 0) {
+        while (true) __syncwarp();
+    }
+    __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void shfl_exited(float *out) {
+    if (threadIdx.x >= 16) return;
+    out[threadIdx.x] = __shfl_sync(0xffffffffu, 1.0f, 0);
+}
+extern "C" __global__ void shfl_partial_warp(float *out) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+extern "C" __global__ void misaligned(float *out) {
+    *reinterpret_cast<float4 *>(out + 1) = make_float4(1.0f, 2.0f, 3.0f, 4.0f);
+}
+extern "C" __global__ void missing_sync(float *out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = float(threadIdx.x);
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+extern "C" __global__ void dyn_overrun(float *out, int n) {
+    extern __shared__ float buf[];
+    buf[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = buf[n - 1 - threadIdx.x];
+}
+extern "C" __global__ void trap(float *out) {
+    if (threadIdx.x == 3) __trap();
+    out[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void wmma_unaligned(const float *A, float *C) {
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+    wmma::load_matrix_sync(c, A + 4, 16, wmma::mem_row_major);
+    wmma::store_matrix_sync(C, c, 16, wmma::mem_row_major);
+}
+"""
+
+KERNEL_NAMES = ["vadd", "block_sum", "warp_reduce", "atomics", "gemm_tf32", "gemm_f16",
+                "gemm_bf16", "convert", "scale_bias"]
+FAULT_NAMES = ["shared_index", "divergent_barrier", "barrier_deadlock", "shfl_exited",
+               "shfl_partial_warp", "misaligned", "missing_sync", "dyn_overrun", "trap",
+               "wmma_unaligned"]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return compile_module(KERNELS, KERNEL_NAMES)
+
+
+@pytest.fixture(scope="module")
+def faults():
+    src = "#include <mma.h>\nusing namespace nvcuda;\n" + FAULTS
+    return compile_module(src, FAULT_NAMES)
+
+
+def dev(a: np.ndarray) -> np.ndarray:
+    """A 256-byte aligned copy of ``a`` (as cudaMalloc gives)."""
+    a = np.ascontiguousarray(a)
+    raw = np.empty(a.nbytes + 256, np.uint8)
+    off = (-raw.ctypes.data) % 256
+    out = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def poisoned(shape, dtype=np.float32) -> np.ndarray:
+    d = np.dtype(dtype)
+    return dev(np.full(shape, np.nan if d.kind == "f" else np.iinfo(d).max // 3, d))
+
+
+def P(a: np.ndarray):
+    return ("p", a.ctypes.data)
+
+
+# ---------------------------------------------------------------------------------------
+# the emulator on kernels written here
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_vector_add(kernels, rng, workers):
+    n = int(rng.integers(300, 3000))
+    a, b = dev(rng.standard_normal(n).astype(np.float32)), dev(rng.standard_normal(n).astype(np.float32))
+    c = poisoned(n)
+    kernels.launch("vadd", ((n + 127) // 128,), (128,), 0, [P(a), P(b), P(c), ("i", n)],
+                   workers=workers)
+    np.testing.assert_array_equal(c, a + b)
+
+
+def test_shared_memory_block_reduction(kernels, rng):
+    n = int(rng.integers(1000, 5000))
+    x = dev(rng.standard_normal(n).astype(np.float32))
+    nb = (n + 255) // 256
+    out = poisoned(nb)
+    kernels.launch("block_sum", (nb,), (16, 16), 0, [P(x), P(out), ("i", n)])
+    want = np.pad(x.astype(np.float64), (0, nb * 256 - n)).reshape(nb, 256).sum(1)
+    assert rel_l2(out, want) < 1e-6
+
+
+def test_warp_shuffle_and_ballot(kernels, rng):
+    n = int(rng.integers(200, 2000))
+    x = dev(rng.standard_normal(n).astype(np.float32))
+    nw = (n + 31) // 32
+    wmax, wsum, npos = poisoned(nw), poisoned(nw), poisoned(nw, np.int32)
+    kernels.launch("warp_reduce", ((n + 127) // 128,), (128,), 0,
+                   [P(x), P(wmax), P(wsum), P(npos), ("i", n)])
+    xp = np.pad(x.astype(np.float64), (0, nw * 32 - n), constant_values=np.nan).reshape(nw, 32)
+    np.testing.assert_array_equal(wmax, np.nanmax(xp, 1).astype(np.float32))
+    assert rel_l2(wsum, np.nansum(xp, 1)) < 1e-6
+    np.testing.assert_array_equal(npos, (xp > 0).sum(1))
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_atomics(kernels, rng, workers):
+    n, bins = int(rng.integers(2000, 6000)), 7
+    x = dev(rng.standard_normal(n).astype(np.float32))
+    b = dev(rng.integers(0, bins, n).astype(np.int32))
+    sums, maxv, count = dev(np.zeros(bins, np.float32)), dev(np.full(bins, -10**9, np.int32)), \
+        dev(np.zeros(1, np.uint32))
+    kernels.launch("atomics", ((n + 63) // 64,), (64,), 0,
+                   [P(x), P(b), P(sums), P(maxv), P(count), ("i", n)], workers=workers)
+    assert rel_l2(sums, np.bincount(b, x.astype(np.float64), bins)) < 1e-5
+    want = [np.rint(x[b == k].astype(np.float64) * 1000).max() for k in range(bins)]
+    np.testing.assert_array_equal(maxv, want)
+    assert count[0] == n
+
+
+def _tf32(a):
+    """cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits."""
+    u = a.astype(np.float32).view(np.uint32)
+    r = ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isfinite(a), r, a)
+
+
+def _bf16(a):
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("prec,tol", [("tf32", 1e-6), ("f16", 1e-6), ("bf16", 1e-6)])
+def test_wmma_gemm(kernels, rng, prec, tol):
+    M, N = 16 * int(rng.integers(1, 5)), 16 * int(rng.integers(1, 5))
+    K = 16 * int(rng.integers(1, 4))
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    bt = rng.standard_normal((N, K)).astype(np.float32)        # B col-major = B^T row-major
+    if prec == "tf32":
+        A, B = dev(a), dev(bt)
+        ra, rb = _tf32(a), _tf32(bt)
+    elif prec == "f16":
+        A, B = dev(a.astype(np.float16)), dev(bt.astype(np.float16))
+        ra, rb = A.astype(np.float32), B.astype(np.float32)
+    else:
+        A, B = dev(_bf16(a)), dev(_bf16(bt))
+        ra = (A.astype(np.uint32) << 16).view(np.float32)
+        rb = (B.astype(np.uint32) << 16).view(np.float32)
+    C = poisoned((M, N))
+    kernels.launch(f"gemm_{prec}", ((N + 31) // 32, (M + 31) // 32), (128,), 0,
+                   [P(A), P(B), P(C), ("i", M), ("i", N), ("i", K)])
+    want = ra.astype(np.float64) @ rb.astype(np.float64).T
+    assert rel_l2(C, want) < tol
+    # and the rounding matters: against unrounded fp32 inputs the error is the format's
+    if prec != "tf32":
+        assert rel_l2(C, a.astype(np.float64) @ bt.astype(np.float64).T) > 1e-5
+
+
+def test_conversions_round_like_the_hardware(kernels, rng):
+    x = np.concatenate([
+        rng.standard_normal(20000) * 1e-5, rng.standard_normal(20000) * 3e4,
+        rng.standard_normal(20000),
+        [65504, 65519.99, 65520, 7e4, 6e-8, 3e-8, 2.98e-8, 1e-9, np.inf, -np.inf, 0.0, -0.0,
+         1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-11 + 2**-20]]).astype(np.float32)
+    # exact ties of the tf32 and bf16 roundings
+    ties = (rng.integers(1, 2**10, 2000).astype(np.uint32) << 13 | 0x1000) | (127 << 23)
+    x = dev(np.concatenate([x, ties.view(np.float32), (ties | 0x80000000).view(np.float32)]))
+    n = x.size
+    h, bf = poisoned(n, np.uint16), poisoned(n, np.uint16)
+    tf, back = poisoned(n), poisoned(n)
+    kernels.launch("convert", ((n + 255) // 256,), (256,), 0,
+                   [P(x), P(h), P(bf), P(tf), P(back), ("i", n)])
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(h, x.astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(bf, _bf16(x))
+    np.testing.assert_array_equal(tf.view(np.uint32), _tf32(x).view(np.uint32))
+
+
+def test_scalar_arguments_and_dynamic_shared_memory(kernels, rng):
+    C, inner, batch = int(rng.integers(2, 40)), int(rng.integers(1, 50)), 2
+    n = batch * C * inner
+    x = dev(rng.standard_normal(n).astype(np.float32))
+    b = dev(rng.standard_normal(C).astype(np.float32))
+    y = poisoned(n)
+    alpha = float(rng.uniform(0.5, 2.0))
+    kernels.launch("scale_bias", ((n + 63) // 64,), (64,), C * 4,
+                   [P(x), P(b), P(y), ("f", alpha), ("l", n), ("i", C), ("i", inner)])
+    want = np.float32(alpha) * x.reshape(batch, C, inner) + b[None, :, None]
+    assert rel_l2(y.reshape(batch, C, inner), want) < 1e-6
+
+
+@pytest.mark.parametrize("kernel,block,smem,extra,message", [
+    ("shared_index", 64, 0, [], "index 32 is out of the bounds of an array of type 'float [32]'"),
+    ("divergent_barrier", 32, 0, [], "a barrier in divergent code"),
+    ("barrier_deadlock", 64, 0, [], "deadlock"),
+    ("shfl_exited", 32, 0, [], "exits while lane 0 of its warp waits for it"),
+    ("shfl_partial_warp", 48, 0, [], "names lanes that do not exist"),
+    ("misaligned", 1, 0, [], "misaligned access of 'struct float4'"),
+    ("dyn_overrun", 64, 128, [("i", 64)], "wrote past the 128 bytes of dynamic shared memory"),
+    ("trap", 32, 0, [], "thread (3,0,0): __trap()"),
+    ("wmma_unaligned", 32, 0, [], "not 256-bit aligned"),
+])
+def test_faults_a_gpu_reports(faults, kernel, block, smem, extra, message):
+    out = poisoned(256)
+    args = [P(out)] if kernel != "wmma_unaligned" else [P(dev(np.ones(512, np.float32))), P(out)]
+    with pytest.raises(GraphcError, match="kernel '" + kernel) as e:
+        faults.launch(kernel, (1,), (block,), smem, args + extra)
+    assert message in str(e.value)
+
+
+def test_missing_syncthreads_reads_poison(faults):
+    # fibers run in order until they wait: thread 0 reads thread 1's slot before it is
+    # written, so the race shows as NaN (shared memory starts poisoned in every block)
+    out = poisoned(64)
+    faults.launch("missing_sync", (2,), (64,), 0, [P(out)])
+    assert np.isnan(out[:63]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# run_program: a hand-made program (two layers) through the arena
+
+
+def _program(source, launches, arena_bytes, weights, inputs, outputs, nodes):
+    return CudaProgram(name="hand", arch="sm_90", precision="fp32", source=source, cubin=b"",
+                       launches=launches, nodes=nodes, inputs=inputs, outputs=outputs,
+                       arena_bytes=arena_bytes, weights=weights)
+
+
+HAND = r"""
+extern "C" __global__ void affine(const float *x, const float *w, float *y, int n, float s) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = s * x[i] * w[i % 8] + w[8];
+}
+extern "C" __global__ void relu_off_by_one(const float *x, float *y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) y[i] = fmaxf(x[i], 0.0f);
+}
+extern "C" __global__ void relu_half(const float *x, float *y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n / 2) y[i] = fmaxf(x[i], 0.0f);
+}
+extern "C" __global__ void scribble(float *w) { w[threadIdx.x] = 0.0f; }
+"""
+
+
+def _hand(rng, second="relu_half", n=None, second_args=None):
+    n = n or int(rng.integers(40, 400))
+    nodes = [NodeInfo("scale", "Scale", n), NodeInfo("relu", "ReLU", n)]
+    x_off, h_off, y_off = 0, 4 * n, 8 * n
+    w = rng.standard_normal(9).astype(np.float32)
+    s = float(rng.uniform(0.5, 2))
+    launches = [
+        Launch("affine", ((n + 31) // 32, 1, 1), (32, 1, 1), 0,
+               [Arg("arena", x_off), Arg("weights", 0), Arg("arena", h_off), Arg("i32", n),
+                Arg("f32", s)], 0),
+        Launch(second, ((n + 31) // 32, 1, 1), (32, 1, 1), 0,
+               second_args or [Arg("arena", h_off), Arg("arena", y_off), Arg("i32", n)], 1),
+    ]
+    prog = _program(HAND, launches, 12 * n, w.tobytes(),
+                    [TensorInfo("data", "%data", (n,), x_off)],
+                    [TensorInfo("out", "%out", (n,), y_off)], nodes)
+    x = rng.standard_normal(n).astype(np.float32)
+    want = np.maximum(np.float32(s) * x * np.resize(w[:8], n) + w[8], 0)
+    return prog, x, want
+
+
+def test_run_program_unwritten_output(rng):
+    prog, x, _ = _hand(rng)
+    with pytest.raises(GraphcError, match="output 'out' were never written"):
+        run_program(prog, {"data": x})
+
+
+def test_run_program_out_of_bounds_names_the_layer(rng):
+    # the output is the arena's last n floats: the element one past it lies in the guard
+    prog, x, _ = _hand(rng, "relu_off_by_one", n=64)
+    prog.launches[1].grid = (3, 1, 1)
+    with pytest.raises(GraphcError, match=r"layer 'relu' \(ReLU\).*wrote out of bounds, after "
+                                          r"the arena \(byte 768 of 768\)"):
+        run_program(prog, {"data": x})
+
+
+def test_run_program_writes_to_weights_and_bad_arguments(rng):
+    prog, x, _ = _hand(rng, "scribble", second_args=[Arg("weights", 0)])
+    prog.launches[1].block = (4, 1, 1)
+    with pytest.raises(GraphcError, match="layer 'relu'.*wrote into the weights"):
+        run_program(prog, {"data": x})
+    prog, x, _ = _hand(rng, "relu_half", second_args=[Arg("arena", 0), Arg("f32", 1.0),
+                                                      Arg("i32", 3)])
+    with pytest.raises(GraphcError, match="argument 1 is f32 .a float.; the kernel's parameter 1 "
+                                          "is a pointer"):
+        run_program(prog, {"data": x})
+
+
+def test_run_program_good(rng):
+    prog, x, want = _hand(rng, "relu_off_by_one")
+    prog.launches[1].args[2] = Arg("i32", len(x) - 1)      # i <= n-1: exactly the n elements
+    got = run_program(prog, {"data": x})
+    assert list(got) == ["out"]
+    assert rel_l2(got["out"], want) < 1e-6
