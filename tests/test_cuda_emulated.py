@@ -52,7 +52,7 @@ extern "C" __global__ void warp_reduce(const float *x, float *wmax, float *wsum,
                                        int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int warp = i / 32;
-    float v = i < n ? x[i] : -INFINITY;
+    float v = i < n ? x[i] : __int_as_float(0xff800000);   // -inf
     float m = v;
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float s = i < n ? x[i] : 0.0f;
@@ -215,6 +215,39 @@ def poisoned(shape, dtype=np.float32) -> np.ndarray:
 
 def P(a: np.ndarray):
     return ("p", a.ctypes.data)
+
+
+def cuda_include_dir():
+    """The CUDA toolkit's headers (cuda_fp16.h, mma.h), for NVRTC; None when absent."""
+    import os
+    import shutil
+    from pathlib import Path
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parents[1]))
+    for r in roots:
+        if r and (Path(r) / "include" / "mma.h").is_file():
+            return Path(r) / "include"
+    return None
+
+
+def test_test_kernels_are_cuda():
+    """What the emulator runs here NVRTC compiles too (so the emulator is not tested on
+    C++ that only looks like CUDA)."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("the CUDA toolkit's headers (mma.h) are not installed")
+    for src in (KERNELS, "#include <mma.h>\nusing namespace nvcuda;\n" + FAULTS, HAND):
+        _, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"k.cu", 0, [], [])
+        opts = [b"-I" + str(inc).encode(), b"--gpu-architecture=sm_90", b"-std=c++17"]
+        (rc,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * n
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        nvrtc.nvrtcDestroyProgram(prog)
+        assert rc == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------------------
