@@ -257,7 +257,7 @@ def lower_for_cuda(g_opt, arch: str = DEFAULT_ARCH, precision: str = "tf32"):
         from ..codegen.cuda.lower import lower_graph
     except ImportError as e:
         raise GraphcError(f"the CUDA code generator is not available in this build ({e})",
-                          hint="use --target cpu") from None
+                          hint="use the CPU target (--target cpu, backend='cpu')") from None
     return lower_graph(g_opt, arch, precision)
 
 
