@@ -1,6 +1,6 @@
 """The CUDA host runtime (templates/cuda_runtime.c.j2, graphc/runtime/cuda_build.py): a
-library built from a hand-made CudaProgram (a tiny CUDA C module compiled with NVRTC, or
-nvcc where NVRTC is not installed) links only against libc/libdl/pthreads and exports only
+library built from a hand-made CudaProgram (a tiny CUDA C module compiled with NVRTC
+through codegen/cuda/nvrtc.py, or nvcc where cuda-bindings is not installed) links only against libc/libdl/pthreads and exports only
 the C API; its header compiles in a C program; it loads in Python; without a driver
 graphc_create says so.  Run against a stand-in driver (tests/fake_cuda_driver.c: device
 memory is host memory with bounds checks, the two kernels run on the CPU, capture records
@@ -55,21 +55,11 @@ extern "C" __global__ void rowsum(float *z, const float *y, long long cols, int 
 
 
 def compile_cubin(arch: str = "sm_90") -> bytes:
-    """SOURCE as a cubin: NVRTC (cuda-bindings) if installed, else nvcc, else skip."""
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        nvrtc = None
-    if nvrtc is not None:
-        err, prog = nvrtc.nvrtcCreateProgram(SOURCE.encode(), b"tiny.cu", 0, [], [])
-        opts = [f"--gpu-architecture={arch}".encode()]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
-        err, size = nvrtc.nvrtcGetCUBINSize(prog)
-        cubin = b" " * size
-        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
-        nvrtc.nvrtcDestroyProgram(prog)
-        return cubin
+    """SOURCE as a cubin: graphc's NVRTC module if cuda-bindings is installed, else nvcc,
+    else skip."""
+    from graphc.codegen.cuda.nvrtc import compile_module, nvrtc_available
+    if nvrtc_available():
+        return compile_module(SOURCE, arch, cache=False).cubin
     nvcc = shutil.which("nvcc")
     if not nvcc:
         pytest.skip("neither cuda-bindings (NVRTC) nor nvcc is installed to compile a cubin")

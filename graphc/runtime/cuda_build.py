@@ -63,15 +63,10 @@ graphc_weights_blob:
 
 
 def require_cuda_bindings():
-    """NVIDIA's cuda-python NVRTC bindings, or a GraphcError saying how to install them."""
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as e:
-        raise GraphcError(f"the CUDA target needs NVIDIA's cuda-bindings and NVRTC, which are "
-                          f"not installed ({e})",
-                          hint="pip install 'graphc[cuda]' (cuda-bindings and "
-                               "nvidia-cuda-nvrtc; no GPU is needed to compile)") from None
-    return nvrtc
+    """NVIDIA's cuda-python NVRTC bindings, or a GraphcError saying how to install them
+    (``pip install 'graphc[cuda]'``)."""
+    from ..codegen.cuda.nvrtc import require_nvrtc
+    return require_nvrtc()
 
 
 def parse_arch(arch: str) -> tuple[int, int, bool]:
