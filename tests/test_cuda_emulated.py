@@ -425,6 +425,10 @@ extern "C" __global__ void relu_half(const float *x, float *y, int n) {
     if (i < n / 2) y[i] = fmaxf(x[i], 0.0f);
 }
 extern "C" __global__ void scribble(float *w) { w[threadIdx.x] = 0.0f; }
+extern "C" __global__ void read_before(const float *x, float *y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i - 300000];
+}
 """
 
 
@@ -455,19 +459,35 @@ def test_run_program_unwritten_output(rng):
         run_program(prog, {"data": x})
 
 
-def test_run_program_out_of_bounds_names_the_layer(rng):
-    # the output is the arena's last n floats: the element one past it lies in the guard
-    prog, x, _ = _hand(rng, "relu_off_by_one", n=64)
+@pytest.mark.parametrize("n,message", [
+    # the output ends the arena: one element past it is poisoned slack (caught after the
+    # launch) or, when the arena ends on 256 bytes, an inaccessible page (a fault)
+    (60, r"wrote out of bounds, after the arena \(byte 720 of 720\)"),
+    (64, r"kernel 'relu_off_by_one' grid \(3, 1, 1\) block \(32, 1, 1\): block \(2,0,0\) "
+         r"thread \(0,0,0\): invalid memory access at address 0x[0-9a-f]+ \(0 bytes past the "
+         r"end of the 768-byte arena\)"),
+])
+def test_run_program_out_of_bounds_names_the_layer(rng, n, message):
+    prog, x, _ = _hand(rng, "relu_off_by_one", n=n)
     prog.launches[1].grid = (3, 1, 1)
-    with pytest.raises(GraphcError, match=r"layer 'relu' \(ReLU\).*wrote out of bounds, after "
-                                          r"the arena \(byte 768 of 768\)"):
+    with pytest.raises(GraphcError, match=r"layer 'relu' \(ReLU\): launch 1.*" + message):
+        run_program(prog, {"data": x})
+
+
+def test_run_program_wild_read(rng):
+    prog, x, _ = _hand(rng, "read_before")
+    with pytest.raises(GraphcError, match=r"layer 'relu'.*block \(0,0,0\) thread \(0,0,0\): "
+                                          r"invalid memory access at address 0x[0-9a-f]+ "
+                                          r"\(\d+ bytes before the arena\)"):
         run_program(prog, {"data": x})
 
 
 def test_run_program_writes_to_weights_and_bad_arguments(rng):
     prog, x, _ = _hand(rng, "scribble", second_args=[Arg("weights", 0)])
     prog.launches[1].block = (4, 1, 1)
-    with pytest.raises(GraphcError, match="layer 'relu'.*wrote into the weights"):
+    with pytest.raises(GraphcError, match=r"layer 'relu'.*thread \(0,0,0\): invalid memory access "
+                                          r"at address 0x[0-9a-f]+ \(byte 0 of the weights, "
+                                          r"which kernels must not write\)"):
         run_program(prog, {"data": x})
     prog, x, _ = _hand(rng, "relu_half", second_args=[Arg("arena", 0), Arg("f32", 1.0),
                                                       Arg("i32", 3)])

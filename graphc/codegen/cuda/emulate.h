@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <utility>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -160,6 +161,7 @@ struct Worker {
     unsigned char *dyn_smem = nullptr;      // dyn_cap bytes + DYN_GUARD guard
     size_t dyn_cap = 0;
     uint3 block_idx{0, 0, 0};
+    char *alt_stack = nullptr;
 };
 
 constexpr size_t STACK_SIZE = 256 * 1024;
@@ -170,6 +172,7 @@ constexpr int MAX_WORKERS = 64;
 
 inline Worker g_workers[MAX_WORKERS];
 inline thread_local Worker *t_worker = nullptr;
+inline thread_local bool t_in_fiber = false;
 inline thread_local uint3 t_threadIdx, t_blockIdx;
 inline thread_local dim3 t_blockDim, t_gridDim;
 
@@ -514,7 +517,9 @@ inline bool run_block(Worker *w, long long b) {
             if (f.done || f.wait != WAIT_NONE) continue;
             w->cur = i;
             t_threadIdx = f.tid;
+            t_in_fiber = true;
             __emu_swap(&w->sched_sp, f.sp);
+            t_in_fiber = false;
             ran = true;
             if (w->failed) return false;
         }
@@ -546,9 +551,53 @@ inline bool run_block(Worker *w, long long b) {
     return true;
 }
 
+// ---- memory faults: a kernel's bad access becomes the launch's error ------------------
+// SIGSEGV/SIGBUS in a fiber: record where (block, thread, address) and leave the handler
+// for the worker's scheduler, abandoning the block (as a GPU aborts the launch).  The
+// handler runs on an alternate stack (a fiber's overflow faults on its guard page).
+constexpr size_t ALT_STACK = 64 * 1024;
+inline struct sigaction g_old_segv, g_old_bus;
+
+inline void restore_fault_handlers() {
+    sigaction(SIGSEGV, &g_old_segv, nullptr);
+    sigaction(SIGBUS, &g_old_bus, nullptr);
+}
+
+inline void on_fault(int sig, siginfo_t *si, void *) {
+    Worker *w = t_worker;
+    if (w == nullptr || !t_in_fiber) {
+        restore_fault_handlers();   // not a kernel's fault: the previous handler sees it again
+        return;
+    }
+    Fiber &f = w->fibers[w->cur];
+    uintptr_t a = reinterpret_cast<uintptr_t>(si->si_addr);
+    uintptr_t lo = reinterpret_cast<uintptr_t>(f.stack);
+    char msg[512];
+    if (a < lo && a + 65536 >= lo)
+        std::snprintf(msg, sizeof msg, "block (%u,%u,%u) thread (%u,%u,%u): stack overflow "
+                      "(the thread's locals exceed %zu KiB)", w->block_idx.x, w->block_idx.y,
+                      w->block_idx.z, f.tid.x, f.tid.y, f.tid.z, f.stack_size / 1024);
+    else
+        std::snprintf(msg, sizeof msg, "block (%u,%u,%u) thread (%u,%u,%u): invalid memory "
+                      "access at address 0x%lx (%s; a GPU reports 'an illegal memory access "
+                      "was encountered')", w->block_idx.x, w->block_idx.y, w->block_idx.z,
+                      f.tid.x, f.tid.y, f.tid.z, (unsigned long)a,
+                      sig == SIGBUS ? "SIGBUS" : "SIGSEGV");
+    record_error(w->L, msg);
+    w->failed = true;
+    t_in_fiber = false;
+    void *dead;
+    __emu_swap(&dead, w->sched_sp);   // never returns here
+}
+
 inline void *worker_main(void *arg) {
     Worker *w = static_cast<Worker *>(arg);
     t_worker = w;
+    stack_t ss{}, old_ss{};
+    if (!w->alt_stack) w->alt_stack = static_cast<char *>(std::malloc(ALT_STACK));
+    ss.ss_sp = w->alt_stack;
+    ss.ss_size = ALT_STACK;
+    sigaltstack(&ss, &old_ss);
     Launch *L = w->L;
     long long nblocks = (long long)L->grid.x * L->grid.y * L->grid.z;
     for (;;) {
@@ -558,6 +607,7 @@ inline void *worker_main(void *arg) {
         if (!run_block(w, b)) break;
     }
     t_worker = nullptr;
+    sigaltstack(&old_ss, nullptr);
     return nullptr;
 }
 
@@ -595,9 +645,16 @@ inline int launch(const unsigned *cfg, size_t smem, int workers, void (*body)(vo
     if (workers > MAX_WORKERS) workers = MAX_WORKERS;
     if (workers > nblocks) workers = int(nblocks);
     pthread_mutex_lock(&g_launch_lock);
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
     for (int i = 0; i < workers; i++) {
         g_workers[i].L = &L;
         if (!worker_prepare(&g_workers[i], int(nthreads), smem, err, cap)) {
+            restore_fault_handlers();
             pthread_mutex_unlock(&g_launch_lock);
             return 1;
         }
@@ -614,6 +671,7 @@ inline int launch(const unsigned *cfg, size_t smem, int workers, void (*body)(vo
     }
     worker_main(&g_workers[0]);
     for (int i = 1; i <= started; i++) pthread_join(th[i], nullptr);
+    restore_fault_handlers();
     pthread_mutex_unlock(&g_launch_lock);
     return L.failed.load() ? 1 : 0;
 }

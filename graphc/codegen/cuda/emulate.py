@@ -5,12 +5,14 @@ kernel checked against the reference executor without a GPU) and for debugging k
     run_program(program, {"data": x})  ->  {"prob": y, ...}
     module = compile_module(source, ["vadd"]);  module.launch("vadd", grid, block, 0, args)
 
-What a GPU would catch is caught here too and raised as a GraphcError naming the kernel
-and the layer: out-of-bounds writes to the arena or the weights (poisoned guard regions
-around both, checked after every launch), writes to the weights, outputs left unwritten
-(the arena starts as NaN), launch arguments that do not match the kernel's parameters,
-and everything emulate.h checks inside a launch (divergent or deadlocked barriers, bad
-warp masks, misaligned accesses, fixed-bound array indices, shared memory overruns).
+What a GPU would catch is caught here too and raised as a GraphcError naming the kernel,
+the layer, and where it can the block, thread, source line and address: accesses outside
+the arena or the weights (poisoned guard bytes around both, checked after every launch,
+then inaccessible pages: an access there faults), writes to the weights (read-only while
+kernels run), outputs left unwritten (the arena starts as NaN), launch arguments that do
+not match the kernel's parameters, and everything emulate.h checks inside a launch
+(divergent or deadlocked barriers, bad warp masks, misaligned accesses, fixed-bound array
+indices, shared memory overruns, stack overflows).
 
 Compiling needs a C++20 compiler (g++ or $CXX); each distinct source is built once into
 the graphc cache ($GRAPHC_CACHE, else ~/.cache/graphc) under cuda-emu/.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import re
 import subprocess
@@ -39,8 +42,10 @@ CUDA_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "cuda_runtime.h", "cuda_r
                 "cuda.h", "device_launch_parameters.h", "vector_types.h", "math_constants.h",
                 "cuda_fp16.hpp", "cuda_bf16.hpp", "device_functions.h", "sm_60_atomic_functions.h")
 
-#: bytes of poison around the arena and the weights (a write there is out of bounds)
-GUARD = 1 << 20
+#: bytes of poison before the arena and the weights (a write there is out of bounds), and
+#: of inaccessible pages around them (an access there faults)
+GUARD = 64 << 10
+_NOACCESS = 4 << 20
 #: every byte of fresh memory: NaN as float32, float16 and bfloat16 alike
 POISON = 0xFF
 
@@ -300,34 +305,64 @@ def _build(text: str, header: bytes, root: Path, so: Path, cxx: str) -> None:
 # running a program
 
 
-class _Guarded:
-    """A byte buffer with poisoned guard regions on both sides."""
+_PAGE = mmap.PAGESIZE
+_PROT_NONE = 0
+_libc = None
 
-    def __init__(self, nbytes: int, fill: int = POISON):
+
+def _mprotect(addr: int, size: int, prot: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if _libc.mprotect(addr, size, prot) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect failed")
+
+
+class _Guarded:
+    """Device memory on the host: ``nbytes`` at a 256-byte aligned ``base``, between
+    poisoned slack (a write there is out of bounds: ``damage``) and inaccessible pages (an
+    access there faults, and the launch reports the thread and the address)."""
+
+    def __init__(self, nbytes: int):
         self.nbytes = int(nbytes)
-        self.raw = np.full(self.nbytes + 2 * GUARD + 256, POISON, np.uint8)
-        start = (-self.raw.ctypes.data) % 256 + GUARD
-        self.start = start
-        self.data = self.raw[start:start + self.nbytes]
-        if fill != POISON:
-            self.data[:] = fill
-        self.base = self.raw.ctypes.data + start
+        r = -(-max(self.nbytes, 1) // 256) * 256
+        self.size = -(-(r + GUARD) // _PAGE) * _PAGE           # the accessible pages
+        self.map = mmap.mmap(-1, self.size + 2 * _NOACCESS)
+        self.all = np.frombuffer(self.map, np.uint8)
+        self.addr = self.all.ctypes.data
+        _mprotect(self.addr, _NOACCESS, _PROT_NONE)
+        _mprotect(self.addr + _NOACCESS + self.size, _NOACCESS, _PROT_NONE)
+        self.window = self.all[_NOACCESS:_NOACCESS + self.size]
+        self.window[:] = POISON
+        self.start = self.size - r                              # ends near the inaccessible pages
+        self.data = self.window[self.start:self.start + self.nbytes]
+        self.base = self.addr + _NOACCESS + self.start
 
     def damage(self) -> tuple[str, int] | None:
         """Where a guard was written: ("before"/"after", byte offset from the buffer)."""
-        lo = self.raw[self.start - GUARD:self.start]
-        hi = self.raw[self.start + self.nbytes:self.start + self.nbytes + GUARD]
-        bad = np.flatnonzero(lo != POISON)
+        bad = np.flatnonzero(self.window[:self.start] != POISON)
         if bad.size:
-            return "before", int(bad[0]) - GUARD
-        bad = np.flatnonzero(hi != POISON)
+            return "before", int(bad[-1]) - self.start
+        bad = np.flatnonzero(self.window[self.start + self.nbytes:] != POISON)
         if bad.size:
             return "after", self.nbytes + int(bad[0])
         return None
 
-    def heal(self) -> None:
-        self.raw[self.start - GUARD:self.start] = POISON
-        self.raw[self.start + self.nbytes:self.start + self.nbytes + GUARD] = POISON
+    def read_only(self, yes: bool) -> None:
+        _mprotect(self.addr + _NOACCESS, self.size,
+                  mmap.PROT_READ if yes else mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def describe(self, address: int, what: str) -> str | None:
+        lo, hi = self.addr, self.addr + self.size + 2 * _NOACCESS
+        if not lo <= address < hi:
+            return None
+        off = address - self.base
+        if off < 0:
+            return f"{-off} bytes before the {what}"
+        if off >= self.nbytes:
+            return f"{off - self.nbytes} bytes past the end of the {self.nbytes}-byte {what}"
+        return f"byte {off} of the {what}"
 
 
 def weights_bytes(weights) -> bytes:
@@ -356,8 +391,7 @@ def _layer_of(program: CudaProgram, node: int) -> tuple[str | None, str | None]:
 
 
 def run_program(program: CudaProgram, inputs: dict[str, np.ndarray], *,
-                workers: int | None = None, check_weights: bool = True,
-                return_arena: bool = False) -> dict[str, np.ndarray]:
+                workers: int | None = None) -> dict[str, np.ndarray]:
     """Run ``program``'s launches on the CPU and return its outputs (float32, by blob
     name).  ``inputs``: float32 arrays by blob name, each of its input's shape."""
     names = [t.name for t in program.outputs]
@@ -374,6 +408,7 @@ def run_program(program: CudaProgram, inputs: dict[str, np.ndarray], *,
     wbytes = weights_bytes(program.weights)
     weights = _Guarded(len(wbytes))
     weights.data[:] = np.frombuffer(wbytes, np.uint8)
+    weights.read_only(True)                 # a kernel writing the weights faults
     for t in program.inputs:
         x = np.asarray(inputs[t.name], dtype=np.float32)
         if x.shape != tuple(t.shape):
@@ -392,17 +427,21 @@ def run_program(program: CudaProgram, inputs: dict[str, np.ndarray], *,
         try:
             module.launch(ln.kernel, ln.grid, ln.block, ln.smem, args, workers=workers)
         except GraphcError as e:
-            raise GraphcError(f"{where}: {e.message}", layer=layer, layer_type=op) from None
+            msg = e.message
+            for m in re.finditer(r"address (0x[0-9a-f]+)", msg):
+                a = int(m.group(1), 16)
+                place = arena.describe(a, "arena") or weights.describe(a, "weights")
+                if place:
+                    if place.startswith("byte") and "weights" in place:
+                        place += ", which kernels must not write"
+                    msg = msg.replace(m.group(0), f"{m.group(0)} ({place})", 1)
+            raise GraphcError(f"launch {i}: {msg}", layer=layer, layer_type=op) from None
         for buf, what in ((arena, "arena"), (weights, "weights")):
             hit = buf.damage()
             if hit:
                 side, off = hit
                 raise GraphcError(f"{where} wrote out of bounds, {side} the {what} (byte "
                                   f"{off} of {buf.nbytes})", layer=layer, layer_type=op)
-        if check_weights and not np.array_equal(weights.data, np.frombuffer(wbytes, np.uint8)):
-            at = int(np.flatnonzero(weights.data != np.frombuffer(wbytes, np.uint8))[0])
-            raise GraphcError(f"{where} wrote into the weights (byte {at})", layer=layer,
-                              layer_type=op)
     out = {}
     for t in program.outputs:
         n = int(np.prod(t.shape)) * 4
@@ -414,9 +453,7 @@ def run_program(program: CudaProgram, inputs: dict[str, np.ndarray], *,
                               f"output '{t.name}' were never written (first: flat index "
                               f"{int(unwritten[0])})")
         out[t.name] = raw.view(np.float32).reshape(t.shape).copy()
-    if return_arena:
-        out["__arena__"] = arena.data.copy()
-    return {k: out[k] for k in names + (["__arena__"] if return_arena else [])}
+    return {k: out[k] for k in names}
 
 
 def _check_range(program, what, name, offset, nbytes, size):
