@@ -639,3 +639,23 @@ def test_gpu_zoo_net(shared_dir, tmp_path, monkeypatch, name, precision):
     finally:
         cn.close()
     assert_close(got, expect, TOLERANCE[precision])
+
+
+def test_gpu_bench_parses_its_arguments_and_fails_clearly_without_a_gpu(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "gpu_inference", HERE.parent / "bench" / "gpu_inference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.parse_args(["--nets", "resnet50_deploy,mobilenet_deploy", "--precision", "fp16",
+                          "--runs", "3", "--batch", "8"])
+    assert a.nets.split(",") == ["resnet50_deploy", "mobilenet_deploy"]
+    assert (a.precision, a.runs, a.batch, a.runs64) == ("fp16", 3, 8, 50)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--nets", "alexnet_deploy"])
+    assert "unknown net(s) alexnet_deploy" in capsys.readouterr().err
+    if HAVE_GPU:
+        return
+    with pytest.raises(SystemExit) as e:     # no GPU (or no PyTorch): a message, no traceback
+        bench.main(["--runs", "1"])
+    assert re.search(r"needs (an NVIDIA GPU|PyTorch)", str(e.value)), e.value
