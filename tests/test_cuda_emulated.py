@@ -480,3 +480,165 @@ def test_run_program_good(rng):
     got = run_program(prog, {"data": x})
     assert list(got) == ["out"]
     assert rel_l2(got["out"], want) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# whole programs from the CUDA code generator against the reference executor
+
+#: rel L2 error allowed per precision (fp32 storage with tf32 products; exact fp32;
+#: half / bfloat16 storage with fp32 accumulation)
+TOL = {"tf32": 1e-2, "fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
+PRECISIONS = list(TOL)
+
+
+def lower_for_emulation(g, precision: str) -> CudaProgram:
+    """The optimized graph's CudaProgram (the code generator + NVRTC), or a skip when
+    this build has no CUDA code generator."""
+    try:
+        from graphc.codegen.cuda.lower import lower_graph
+    except ImportError as e:
+        pytest.skip(f"the CUDA code generator is not in this build ({e})")
+    from graphc.codegen.cuda import nvrtc
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC (cuda-bindings, nvidia-cuda-nvrtc) is not installed")
+    from graphc.passes import run_pipeline
+    return lower_graph(run_pipeline(g), "sm_90", precision)
+
+
+def check_emulated(net, feeds: dict, precision: str) -> dict:
+    """Every output of the emulated program against the reference, within the precision's
+    tolerance; outputs unwritten by any kernel fail in run_program (the arena starts NaN)."""
+    want = net.forward(**feeds)
+    prog = lower_for_emulation(net.graph, precision)
+    got = run_program(prog, feeds)
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    errors = {}
+    for k, w in want.items():
+        g = got[k]
+        assert g.shape == w.shape, (k, g.shape, w.shape)
+        assert np.isfinite(g).all(), f"{k}: {int((~np.isfinite(g)).sum())} values not finite"
+        errors[k] = rel_l2(g, w)
+    bad = {k: e for k, e in errors.items() if not e <= TOL[precision]}
+    assert not bad, f"{precision}: rel L2 above {TOL[precision]}: {bad} (all: {errors})"
+    return got
+
+
+def _inputs_layer(shapes: dict) -> str:
+    tops = "".join(f' top: "{k}"' for k in shapes)
+    dims = "".join("shape {" + "".join(f" dim: {d}" for d in s) + " } " for s in shapes.values())
+    return f'layer {{ name: "in" type: "Input"{tops} input_param {{ {dims}}} }}\n'
+
+
+def _layer(name, type_, bottoms, top, params=""):
+    b = "".join(f' bottom: "{x}"' for x in bottoms)
+    return f'layer {{ name: "{name}" type: "{type_}"{b} top: "{top}" {params} }}\n'
+
+
+def layer_zoo(rng) -> tuple[str, dict]:
+    """One net of independent small branches, one (or a fused few) layers each, with
+    random shapes and attributes: every op family the code generator compiles."""
+    shapes, text = {}, []
+    r = lambda lo, hi: int(rng.integers(lo, hi + 1))    # noqa: E731
+
+    def inp(name, shape):
+        shapes[name] = tuple(shape)
+        return name
+
+    # convolutions: general (stride, pad, dilation, bias, fused ReLU), grouped, depthwise, 1x1
+    for i, kind in enumerate(["general", "group", "depthwise", "1x1"]):
+        g = {"general": 1, "group": r(2, 3), "depthwise": r(3, 6), "1x1": 1}[kind]
+        cg, og = (1, 1) if kind == "depthwise" else (r(1, 5), r(2, 8))
+        k = 1 if kind == "1x1" else r(2, 3) if kind != "depthwise" else 3
+        s = 1 if kind == "1x1" else r(1, 2)
+        p = 0 if kind == "1x1" else r(0, 1)
+        d = r(1, 2) if kind == "general" else 1
+        x = inp(f"conv{i}_in", (r(1, 2), g * cg, r(d * (k - 1) + 2, 11), r(d * (k - 1) + 2, 11)))
+        text.append(_layer(f"conv{i}", "Convolution", [x], f"conv{i}",
+                           f"convolution_param {{ num_output: {g * og} kernel_size: {k} "
+                           f"stride: {s} pad: {p} dilation: {d} group: {g} "
+                           f"bias_term: {'true' if i != 3 else 'false'} }}"))
+        if kind in ("general", "1x1"):
+            text.append(_layer(f"conv{i}_relu", "ReLU", [f"conv{i}"], f"conv{i}"))
+    # pooling: MAX / AVE with padding and CEIL rounding, global
+    for i, (pool, k, s, p) in enumerate([("MAX", 3, 2, 1), ("AVE", 3, 2, 1), ("MAX", 2, 2, 0)]):
+        x = inp(f"pool{i}_in", (r(1, 2), r(1, 5), r(k, 12), r(k, 12)))
+        text.append(_layer(f"pool{i}", "Pooling", [x], f"pool{i}",
+                           f"pooling_param {{ pool: {pool} kernel_size: {k} stride: {s} "
+                           f"pad: {p} }}"))
+    x = inp("gpool_in", (2, r(1, 6), r(2, 7), r(2, 7)))
+    text.append(_layer("gpool", "Pooling", [x], "gpool",
+                       "pooling_param { pool: AVE global_pooling: true }"))
+    # LRN, both regions
+    for i, region in enumerate(["ACROSS_CHANNELS", "WITHIN_CHANNEL"]):
+        x = inp(f"lrn{i}_in", (r(1, 2), r(3, 8), r(3, 9), r(3, 9)))
+        text.append(_layer(f"lrn{i}", "LRN", [x], f"lrn{i}",
+                           f"lrn_param {{ local_size: {3 + 2 * i} alpha: 0.3 beta: 0.75 k: 1.5 "
+                           f"norm_region: {region} }}"))
+    # softmax over channels of a 4D blob and over the last axis of a 2D one
+    x = inp("sm0_in", (2, r(2, 10), r(1, 4), r(1, 4)))
+    text.append(_layer("sm0", "Softmax", [x], "sm0"))
+    x = inp("sm1_in", (r(1, 3), r(5, 300)))
+    text.append(_layer("sm1", "Softmax", [x], "sm1"))
+    # inner product (+ ReLU), a residual InnerProduct + Eltwise SUM + ReLU
+    x = inp("ip_in", (r(1, 9), r(3, 7), r(1, 4), r(1, 4)))
+    text.append(_layer("ip", "InnerProduct", [x], "ip",
+                       f"inner_product_param {{ num_output: {r(1, 40)} }}"))
+    text.append(_layer("ip_relu", "ReLU", ["ip"], "ip"))
+    x = inp("res_in", (r(1, 4), r(10, 60)))
+    n = r(5, 30)
+    text.append(_layer("res_a", "InnerProduct", [x], "res_a", f"inner_product_param {{ num_output: {n} }}"))
+    text.append(_layer("res_b", "InnerProduct", [x], "res_b", f"inner_product_param {{ num_output: {n} }}"))
+    text.append(_layer("res", "Eltwise", ["res_a", "res_b"], "res"))
+    text.append(_layer("res_relu", "ReLU", ["res"], "res"))
+    # eltwise SUM with coefficients, PROD, MAX; concat along channels
+    sh = (r(1, 2), r(1, 6), r(1, 7), r(1, 7))
+    a, b = inp("elt_a", sh), inp("elt_b", sh)
+    text.append(_layer("elt_sum", "Eltwise", [a, b], "elt_sum",
+                       "eltwise_param { operation: SUM coeff: 0.5 coeff: -2 }"))
+    text.append(_layer("elt_prod", "Eltwise", [a, b], "elt_prod", "eltwise_param { operation: PROD }"))
+    text.append(_layer("elt_max", "Eltwise", [a, b], "elt_max", "eltwise_param { operation: MAX }"))
+    c = inp("cat_c", (sh[0], r(1, 5), sh[2], sh[3]))
+    text.append(_layer("cat", "Concat", [a, c, b], "cat"))
+    # fused epilogues: conv + per-channel Scale with bias + Sigmoid; conv + Eltwise SUM + ReLU
+    x = inp("epi_in", (2, r(1, 6), r(3, 9), r(3, 9)))
+    text.append(_layer("epi", "Convolution", [x], "epi",
+                       f"convolution_param {{ num_output: {r(2, 12)} kernel_size: 3 pad: 1 }}"))
+    text.append(_layer("epi_scale", "Scale", ["epi"], "epi", "scale_param { bias_term: true }"))
+    text.append(_layer("epi_sig", "Sigmoid", ["epi"], "epi"))
+    x = inp("rc_in", (r(1, 2), 8, r(3, 8), r(3, 8)))
+    text.append(_layer("rc_proj", "Convolution", [x], "rc_proj",
+                       "convolution_param { num_output: 12 kernel_size: 1 }"))
+    text.append(_layer("rc_conv", "Convolution", [x], "rc_conv",
+                       "convolution_param { num_output: 12 kernel_size: 3 pad: 1 }"))
+    text.append(_layer("rc", "Eltwise", ["rc_proj", "rc_conv"], "rc"))
+    text.append(_layer("rc_relu", "ReLU", ["rc"], "rc"))
+    # unary ops
+    x = inp("un_in", (r(1, 3), r(1, 50)))
+    text.append(_layer("un_tanh", "TanH", [x], "un_tanh"))
+    text.append(_layer("un_elu", "ELU", [x], "un_elu"))
+    return _inputs_layer(shapes) + "".join(text), shapes
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_layer_zoo(tmp_path, rng, precision):
+    from graphc.runtime.testing import net_from_text
+    text, shapes = layer_zoo(rng)
+    net = net_from_text(text, tmp_path, rng=rng)
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    check_emulated(net, feeds, precision)
+
+
+@pytest.mark.parametrize("model,precision", [
+    ("lenet", "tf32"), ("lenet", "fp32"), ("lenet", "fp16"), ("lenet", "bf16"),
+    ("cifar10_quick", "tf32"), ("cifar10_quick", "fp16"),
+])
+def test_model(rng, model, precision):
+    import importlib
+    import graphc
+    from graphc.runtime.testing import randomize_params
+    spec = getattr(importlib.import_module(f"models.{model}"), model)(batch=2)
+    net = graphc.Net(spec)
+    randomize_params(net.graph, rng)
+    feeds = {name: rng.standard_normal(net.blobs[name].shape).astype(np.float32)
+             for name in net.inputs}
+    check_emulated(net, feeds, precision)
