@@ -6,7 +6,8 @@
  * next synchronization, as a GPU does).  The cubin must be an ELF image for the CUDA
  * machine that contains the kernel's name; the kernels themselves are the test program's,
  * run here on the CPU from their argument lists ("affine", "rowsum": see
- * tests/test_cuda_runtime.py).  Work runs when it is enqueued; stream capture records
+ * tests/test_cuda_runtime.py), or any kernels, run by a launcher the test registers
+ * (fake_set_kernels: graphc's CUDA emulator running the module's CUDA C on the CPU).  Work runs when it is enqueued; stream capture records
  * launches into a graph that cuGraphLaunch replays.  Every call that needs a current
  * context checks there is one.
  *
@@ -28,7 +29,8 @@ typedef unsigned long long CUdeviceptr;
 
 enum { OK = 0, E_INVALID_VALUE = 1, E_OOM = 2, E_NOT_INIT = 3, E_NO_DEVICE = 100,
        E_INVALID_DEVICE = 101, E_INVALID_IMAGE = 200, E_INVALID_CONTEXT = 201,
-       E_NOT_FOUND = 500, E_ILLEGAL_ADDRESS = 700, E_CAPTURE_UNSUPPORTED = 900 };
+       E_NOT_FOUND = 500, E_ILLEGAL_ADDRESS = 700, E_LAUNCH_FAILED = 719,
+       E_CAPTURE_UNSUPPORTED = 900 };
 
 static struct {
     int inited, devices, cc_major, cc_minor;
@@ -48,10 +50,31 @@ struct CUctx_st { int dev; };
 static struct CUctx_st ctxs[8];
 
 struct CUmod_st { const char *image; size_t size; };
-struct CUfunc_st { int kind; int max_smem; };   /* 0 affine, 1 rowsum */
-static struct CUfunc_st funcs[2] = { { 0, 48 * 1024 }, { 1, 48 * 1024 } };
+/* kind 0 affine, 1 rowsum (built in), 2 any other kernel, run by the launcher a test sets
+ * with fake_set_kernels (e.g. graphc's CUDA emulator); its parameters' sizes come from the
+ * signature callback: one letter per parameter, p pointer, l 64-bit int, d double (8
+ * bytes), i 32-bit int, f float (4 bytes) */
+struct CUfunc_st { int kind; int max_smem; char name[128]; int nparams; unsigned char size[64]; };
+static struct CUfunc_st funcs[2] = { { 0, 48 * 1024, "affine", 5, { 8, 8, 8, 4, 4 } },
+                                     { 1, 48 * 1024, "rowsum", 4, { 8, 8, 8, 4 } } };
+static struct CUfunc_st ext_funcs[256];
+static int n_ext_funcs;
+typedef int (*launch_cb_t)(const char *name, const unsigned *grid_block, unsigned smem,
+                           const unsigned char *params, int nparams);
+typedef int (*signature_cb_t)(const char *name, char *sig, int cap);
+static launch_cb_t ext_launch;
+static signature_cb_t ext_signature;
 
-typedef struct { struct CUfunc_st *f; unsigned grid, block, smem; unsigned char params[64]; } rec_t;
+void fake_set_kernels(launch_cb_t launch, signature_cb_t signature) {
+    ext_launch = launch;
+    ext_signature = signature;
+}
+
+typedef struct {
+    struct CUfunc_st *f;
+    unsigned grid[3], block[3], smem;
+    unsigned char params[512];
+} rec_t;
 struct CUstream_st { int capturing; rec_t *recs; int nrecs; };
 struct CUgraph_st { rec_t *recs; int nrecs; };
 struct CUgraphExec_st { rec_t *recs; int nrecs; };
@@ -122,16 +145,20 @@ static int dev_ok(uint64_t p, size_t n) {
 
 /* affine(float *y, const float *x, const float *w, int n, float a): y = a * x + w
  * rowsum(float *z, const float *y, long long cols, int rows): z[r] = sum of row r */
-static const int PARAM_SIZES[2][5] = { { 8, 8, 8, 4, 4 }, { 8, 8, 8, 4, 0 } };
-static const int NPARAMS[2] = { 5, 4 };
-
 static void run_kernel(const rec_t *r) {
     const unsigned char *p = r->params;
     uint64_t a0, a1, a2;
     S.kernel_launches++;
     if (r->smem > (unsigned)r->f->max_smem) { S.sticky = E_INVALID_VALUE; return; }
+    if (r->f->kind == 2) {
+        unsigned gb[6] = { r->grid[0], r->grid[1], r->grid[2], r->block[0], r->block[1],
+                           r->block[2] };
+        if (!ext_launch || ext_launch(r->f->name, gb, r->smem, p, r->f->nparams) != 0)
+            S.sticky = E_LAUNCH_FAILED;
+        return;
+    }
     memcpy(&a0, p, 8); memcpy(&a1, p + 8, 8); memcpy(&a2, p + 16, 8);
-    long threads = (long)r->grid * r->block;
+    long threads = (long)r->grid[0] * r->block[0];
     if (r->f->kind == 0) {
         int32_t n; float a;
         memcpy(&n, p + 24, 4); memcpy(&a, p + 28, 4);
@@ -230,6 +257,21 @@ CUresult cuModuleUnload(struct CUmod_st *m) { NEED_CTX(); free(m); return OK; }
 CUresult cuModuleGetFunction(struct CUfunc_st **f, struct CUmod_st *m, const char *name) {
     NEED_CTX();
     if (!memmem(m->image, m->size, name, strlen(name) + 1)) return E_NOT_FOUND;
+    if (ext_signature) {      /* every kernel through the test's launcher */
+        char sig[65];
+        struct CUfunc_st *e;
+        if (n_ext_funcs == 256 || strlen(name) >= sizeof e->name ||
+            ext_signature(name, sig, sizeof sig) != 0) return E_NOT_FOUND;
+        e = &ext_funcs[n_ext_funcs++];
+        memset(e, 0, sizeof *e);
+        e->kind = 2;
+        e->max_smem = 48 * 1024;
+        strcpy(e->name, name);
+        for (int i = 0; sig[i] && i < 64; i++, e->nparams++)
+            e->size[i] = (sig[i] == 'i' || sig[i] == 'f') ? 4 : 8;
+        *f = e;
+        return OK;
+    }
     if (strcmp(name, "affine") == 0) *f = &funcs[0];
     else if (strcmp(name, "rowsum") == 0) *f = &funcs[1];
     else return E_NOT_FOUND;
@@ -340,14 +382,16 @@ CUresult cuLaunchKernel(struct CUfunc_st *f, unsigned gx, unsigned gy, unsigned 
                         void **params, void **extra) {
     NEED_CTX();
     CHECK_FAIL("cuLaunchKernel");
-    if (extra || !params || gy != 1 || gz != 1 || by != 1 || bz != 1 || bx > 1024)
+    if (extra || (f->nparams && !params) || !gx || !gy || !gz || !bx || !by || !bz ||
+        (unsigned long)bx * by * bz > 1024 || (f->kind != 2 && (gy != 1 || gz != 1 || by != 1 || bz != 1)))
         return E_INVALID_VALUE;
     if (smem > (unsigned)f->max_smem) return E_INVALID_VALUE;
-    rec_t r = { f, gx, bx, smem, { 0 } };
-    int at = 0;
-    for (int i = 0; i < NPARAMS[f->kind]; i++) {   /* the driver copies the values now */
-        memcpy(r.params + at, params[i], (size_t)PARAM_SIZES[f->kind][i]);
-        at += PARAM_SIZES[f->kind][i];
+    rec_t r = { f, { gx, gy, gz }, { bx, by, bz }, smem, { 0 } };
+    size_t at = 0;
+    for (int i = 0; i < f->nparams; i++) {   /* the driver copies the values now */
+        if (at + f->size[i] > sizeof r.params) return E_INVALID_VALUE;
+        memcpy(r.params + at, params[i], f->size[i]);
+        at += f->size[i];
     }
     if (s->capturing) {
         s->recs = realloc(s->recs, sizeof(rec_t) * (size_t)(s->nrecs + 1));
@@ -392,6 +436,7 @@ static const char *err_name(CUresult r) {
     case 209: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
     case E_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
     case E_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+    case E_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
     case E_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
     default: return NULL;
     }

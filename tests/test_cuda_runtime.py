@@ -158,6 +158,53 @@ def fake(fake_build, tmp_path, monkeypatch):
     return drv, stats
 
 
+_LAUNCH_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint),
+                              ctypes.c_uint, ctypes.c_void_p, ctypes.c_int)
+_SIGNATURE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
+_PARAM = {"p": ("<Q", 8), "l": ("<q", 8), "d": ("<d", 8), "i": ("<i", 4), "f": ("<f", 4)}
+
+
+class EmulatedKernels:
+    """Makes the stand-in driver run every kernel of ``source`` with graphc's CUDA emulator
+    (codegen/cuda/emulate.py: the CUDA C compiled for the CPU), on the driver's memory."""
+
+    def __init__(self, driver_path, source: str, kernels):
+        import struct
+        emulate = pytest.importorskip("graphc.codegen.cuda.emulate")
+        self.module = emulate.compile_module(source, sorted(set(kernels)))
+        self.errors = []
+
+        def signature(name, buf, cap):
+            try:
+                sig = self.module.signature(name.decode()).encode()
+            except Exception as e:   # noqa: BLE001 -- reported by the test
+                self.errors.append(e)
+                return 1
+            if len(sig) >= cap or any(c not in b"plidf" for c in sig):
+                self.errors.append(f"kernel {name}: signature {sig!r}")
+                return 1
+            ctypes.memmove(buf, sig + b"\0", len(sig) + 1)
+            return 0
+
+        def launch(name, gb, smem, params, nparams):
+            try:
+                sig = self.module.signature(name.decode())
+                raw = ctypes.string_at(params, sum(_PARAM[c][1] for c in sig)) if sig else b""
+                args, at = [], 0
+                for c in sig:
+                    fmt, size = _PARAM[c]
+                    args.append((c, struct.unpack_from(fmt, raw, at)[0]))
+                    at += size
+                self.module.launch(name.decode(), tuple(gb[:3]), tuple(gb[3:6]), smem, args)
+                return 0
+            except Exception as e:   # noqa: BLE001 -- reported by the test
+                self.errors.append(e)
+                return 1
+
+        self._callbacks = (_LAUNCH_CB(launch), _SIGNATURE_CB(signature))   # kept alive
+        ctypes.CDLL(str(driver_path)).fake_set_kernels(*self._callbacks)
+
+
 def want(x, w, a=1.5):
     return (a * x.astype(np.float64) + w).sum(axis=1)
 
@@ -485,6 +532,53 @@ def test_python_errors(tiny_lib, tmp_path, fake, rng):
     net.close()
     with pytest.raises(GraphcError, match="closed"):
         net.run()
+
+
+def test_emulated_kernels_through_the_runtime(tiny_lib, tmp_path, fake, weights, rng):
+    # the same library, its kernels now run from their CUDA C by graphc's emulator
+    drv_path, stats = fake
+    emu = EmulatedKernels(drv_path, SOURCE, ["affine", "rowsum"])
+    net = graphc.load(fresh(tiny_lib, tmp_path, "lib"))
+    x = rng.standard_normal((5, 37)).astype(np.float32)
+    got = net.forward(x=x)["z"]
+    assert not emu.errors, emu.errors
+    assert rel(got, want(x, weights)) < 1e-5 and stats()["kernel_launches"] == 2
+    net.close()
+
+
+SMALL_NET = """name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool1" top: "ip" inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_generated_net_through_the_runtime(tmp_path, fake, rng, monkeypatch, precision):
+    """A net lowered by the CUDA code generator, built with this runtime, run on the
+    stand-in driver with the emulator executing its kernels, against the reference."""
+    pytest.importorskip("graphc.codegen.cuda.lower",
+                        reason="the CUDA code generator is not in this build")
+    from graphc.codegen.cuda.lower import lower_graph
+    from graphc.runtime.build import optimize
+    from graphc.runtime.testing import assert_close, net_from_text
+    monkeypatch.setenv("GRAPHC_POISON", "1")
+    net = net_from_text(SMALL_NET, tmp_path, rng=rng)
+    program = lower_graph(optimize(net.graph), "sm_90", precision)
+    out = tmp_path / "small" / "net.so"
+    build_cuda_library(program, out)
+    emu = EmulatedKernels(fake[0], program.source, [l.kernel for l in program.launches])
+    cn = graphc.load(out)
+    x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    got = cn.forward(data=x)
+    assert not emu.errors, emu.errors
+    assert_close(got, net.forward(data=x), TOLERANCE[precision])
+    per, _ = cn.profile(iterations=1, data=x)
+    assert [p[0] for p in per] == [n.name for n in program.nodes]
+    cn.close()
 
 
 # ---------------------------------------------------------------------------------------
