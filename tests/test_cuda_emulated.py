@@ -161,7 +161,7 @@ extern "C" __global__ void misaligned(float *out) {
 extern "C" __global__ void missing_sync(float *out) {
     __shared__ float s[64];
     s[threadIdx.x] = float(threadIdx.x);
-    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+    out[blockIdx.x * 64 + threadIdx.x] = s[(threadIdx.x + 1) % 64];
 }
 extern "C" __global__ void dyn_overrun(float *out, int n) {
     extern __shared__ float buf[];
@@ -372,11 +372,14 @@ def test_faults_a_gpu_reports(faults, kernel, block, smem, extra, message):
 
 
 def test_missing_syncthreads_reads_poison(faults):
-    # fibers run in order until they wait: thread 0 reads thread 1's slot before it is
-    # written, so the race shows as NaN (shared memory starts poisoned in every block)
-    out = poisoned(64)
+    # threads run one after another until they wait (block 0 first to last, block 1 last
+    # to first): a read of a slot another thread has not written yet finds the poison
+    # (shared memory starts NaN in every block)
+    out = poisoned((2, 64))
     faults.launch("missing_sync", (2,), (64,), 0, [P(out)])
-    assert np.isnan(out[:63]).all()
+    assert np.isnan(out[0, :63]).all() and out[0, 63] == 0.0     # thread 63 reads slot 0
+    # block 1: thread 63 runs first, before slot 0 is written; the others read written slots
+    assert np.isnan(out[1, 63]) and not np.isnan(out[1, :63]).any()
 
 
 # ---------------------------------------------------------------------------------------

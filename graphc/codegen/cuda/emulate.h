@@ -526,9 +526,13 @@ inline bool run_block(Worker *w, long long b) {
         f.mma_calls = 0;
         w->warps[f.warp].exists |= 1u << f.lane;
     }
+    // odd blocks run their threads last to first: a read of shared memory that another
+    // thread has not written yet (a missing __syncthreads) finds the poison either way
+    const bool reverse = b & 1;
     for (;;) {
         bool ran = false;
-        for (int i = 0; i < n; i++) {
+        for (int j = 0; j < n; j++) {
+            const int i = reverse ? n - 1 - j : j;
             Fiber &f = w->fibers[i];
             if (f.done || f.wait != WAIT_NONE) continue;
             w->cur = i;
