@@ -456,15 +456,22 @@ def test_bad_device_number(tiny_lib, tmp_path, fake, monkeypatch):
         graphc.load(fresh(tiny_lib, tmp_path, "lib"))
 
 
-def test_a_fault_while_running_is_reported(cubin, tmp_path, fake, rng):
+@pytest.mark.parametrize("profiling", [False, True])
+def test_a_fault_while_running_is_reported(cubin, tmp_path, fake, rng, profiling):
     # the first kernel is told the tensor is 64x larger than it is: it reads past the end
-    # of the weights, the (stand-in) GPU faults, the run reports it
+    # of the weights, the (stand-in) GPU faults, the run reports it; with profiling on
+    # (each layer waited for), naming the layer
     out = tmp_path / "bad" / "net.so"
     build_cuda_library(tiny_program(cubin, n=64 * 5 * 37), out)
     net = graphc.load(out)
     x = rng.standard_normal((5, 37)).astype(np.float32)
-    with pytest.raises(GraphcError, match="running the net on the GPU.*ILLEGAL_ADDRESS"):
-        net.forward(x=x)
+    if profiling:
+        with pytest.raises(GraphcError, match=r"layer 'scale' \(Affine\): running its kernel"
+                                              r".*ILLEGAL_ADDRESS"):
+            net.profile(iterations=1, warmup=0, x=x)
+    else:
+        with pytest.raises(GraphcError, match="running the net on the GPU.*ILLEGAL_ADDRESS"):
+            net.forward(x=x)
 
 
 def test_argument_validation(tiny_lib, tmp_path, fake, rng):
