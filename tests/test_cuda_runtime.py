@@ -586,6 +586,14 @@ def test_generated_net_through_the_runtime(tmp_path, fake, rng, monkeypatch, pre
     per, _ = cn.profile(iterations=1, data=x)
     assert [p[0] for p in per] == [n.name for n in program.nodes]
     cn.close()
+    # the same through Net(backend="cuda") (compiled into the cache)
+    monkeypatch.setenv("GRAPHC_CACHE", str(tmp_path / "cache"))
+    gpu_net = graphc.Net(str(tmp_path / "net.prototxt"), backend="cuda", precision=precision)
+    for name, p in gpu_net.graph.params.items():
+        p.data[...] = net.graph.params[name].data
+    x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert_close(gpu_net.forward(data=x), net.forward(data=x), TOLERANCE[precision])
+    assert not emu.errors, emu.errors
 
 
 # ---------------------------------------------------------------------------------------
