@@ -417,6 +417,11 @@ CUresult cuEventRecord(struct CUevent_st *e, struct CUstream_st *s) {
     e->recorded = 1;
     return OK;
 }
+CUresult cuEventSynchronize(struct CUevent_st *e) {
+    NEED_CTX();
+    if (!e->recorded) return OK;
+    return S.sticky;
+}
 CUresult cuEventElapsedTime_v2(float *ms, struct CUevent_st *a, struct CUevent_st *b) {
     if (!a->recorded || !b->recorded) return E_INVALID_VALUE;
     *ms = (float)(1e3 * (b->t - a->t));
