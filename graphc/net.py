@@ -57,6 +57,13 @@ class Net:
         self._reset_blobs()
         if weights is not None:
             self.copy_from(weights)
+        self._ctrain = None        # the cpu backend's compiled train pass (train phase)
+        if backend == "cpu" and phase == "train":
+            # the params move into one buffer the compiled pass reads (the arrays in
+            # net.params are views of it: in-place updates reach the next pass)
+            from .codegen.llvm.train import ParamBuffer
+            self._param_buffer = ParamBuffer(self.graph.params)
+            self._param_buffer.adopt(self.graph.params)
 
     # ---- structure ------------------------------------------------------------------
     @property
@@ -102,6 +109,7 @@ class Net:
             p.data = old.params[name].data
         self.graph = new
         self.recompile()
+        self._close_train()
         self._reset_blobs()
 
     # ---- running --------------------------------------------------------------------
@@ -199,6 +207,8 @@ class Net:
                               {p: np.array(g.params[p].data, copy=True) for p in updated})
 
     def _run_train(self, feeds: dict) -> float:
+        if self.backend == "cpu" and self.phase == "train":
+            return self._run_compiled_train()
         g, tg = self.graph, self.train_graph
         versions = g.blob_versions()
         keep = (set(versions.values()) | set(tg.value_grads.values())
@@ -223,6 +233,42 @@ class Net:
         return float(loss)
 
     # ---- the cpu backend ------------------------------------------------------------
+    def compiled_train(self):
+        """The cpu backend's compiled train pass (codegen/llvm/train.py), built on first
+        use; a GraphcError names the first layer it cannot compile."""
+        if self._ctrain is None or self._ctrain_src is not self.graph:
+            from .codegen.llvm.train import CompiledTrainNet, train_graph
+            self._close_train()
+            self._ctrain = CompiledTrainNet(train_graph(self.graph), self._param_buffer,
+                                            source_params=self.graph.params)
+            self._ctrain_src = self.graph
+        return self._ctrain
+
+    def _run_compiled_train(self, forward_only: bool = False):
+        """forward (``forward_only``: returns the outputs) or forward_backward (returns
+        the loss) on the compiled train pass.  ``grads`` are views of its memory, valid
+        until the next pass; ``blob_diffs`` are not kept (empty); ``blobs`` get the
+        outputs (the planned memory reuses the other blobs' space)."""
+        c = self.compiled_train()
+        for blob, arr in c.inputs.items():
+            arr[...] = self.blobs[blob]
+        loss = c.run(forward_only=forward_only, ctx=self._ctx)
+        out = {}
+        for blob, arr in c.outputs.items():
+            self.blobs[blob] = out[blob] = np.array(arr, copy=True)
+        if forward_only:
+            return out
+        self.grads = OrderedDict(
+            (name, c.grads[name] if name in c.grads else np.zeros(p.type.shape, np.float32))
+            for name, p in self.graph.params.items())
+        self.blob_diffs = OrderedDict()
+        return loss
+
+    def _close_train(self) -> None:
+        if getattr(self, "_ctrain", None) is not None:
+            self._ctrain.close()
+            self._ctrain = None
+
     def _cpu_net(self):
         """The compiled net of the cpu or cuda backend (built through the cache)."""
         if self._compiled is None:
