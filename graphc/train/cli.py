@@ -38,6 +38,11 @@ def add_train_parsers(sub) -> None:
     p.add_argument("--sighup-effect", "--sighup_effect", choices=EFFECTS, default=SNAPSHOT,
                    help="what SIGHUP does (default: snapshot and go on)")
     p.add_argument("--log", metavar="FILE", help="also append the log to FILE")
+    p.add_argument("--backend", choices=("cpu", "reference"), default=None,
+                   help="run the training pass compiled by the CPU backend (default when "
+                        "it can compile every layer; otherwise the log says why and training "
+                        "falls back to the reference executor) or on the numpy reference "
+                        "executor")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -82,10 +87,10 @@ def cmd_train(args) -> int:
     try:
         log.info("Use CPU.", "caffe.cpp:197")
         if sp.solver_mode == pb.SolverParameter.GPU:
-            log.info("solver_mode is GPU: graphc trains with its CPU reference backend",
-                     "caffe.cpp:197")
+            log.info("solver_mode is GPU: graphc trains on the CPU", "caffe.cpp:197")
         with SignalHandler(args.sigint_effect, args.sighup_effect) as signals:
-            solver = get_solver(sp, log=log, filename=filename)
+            solver = get_solver(sp, log=log, filename=filename,
+                                backend=args.backend or "auto")
             solver.set_action_function(signals.action)
             log.info("Starting Optimization", "caffe.cpp:239")
             if args.snapshot:

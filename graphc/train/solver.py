@@ -97,13 +97,16 @@ class Solver:
     history_sets = 1
 
     def __init__(self, param, *, log=None, net=None, test_nets=None,
-                 filename: str | None = None):
+                 filename: str | None = None, backend: str = "reference"):
         """``param``: a solver .prototxt path or a caffe_pb2.SolverParameter.  ``log``: a
         stream for Caffe-style log lines, or a TrainLog (default: only the ``graphc.train``
         logging logger).  ``net``/``test_nets``: use these nets instead of building them
         from the solver's net fields (they need ``graph``, ``forward_backward`` and
         ``grads``, like graphc.Net).  ``filename``: the solver file a SolverParameter came
-        from (for messages, and to find the net file beside it)."""
+        from (for messages, and to find the net file beside it).  ``backend``: how the
+        train net runs: "reference" (numpy), "cpu" (compiled by the CPU backend; a layer
+        it cannot compile is an error) or "auto" (cpu, else the reference executor, saying
+        why in the log).  Test nets run on the reference executor."""
         self.param, self.filename = _load_param(param)
         self.filename = self.filename or filename
         self.log = log if isinstance(log, TrainLog) else TrainLog(log)
@@ -113,7 +116,13 @@ class Solver:
         self._check_param()
         self.seed = int(sp.random_seed) if sp.random_seed >= 0 else \
             int.from_bytes(os.urandom(4), "little")
+        if backend not in ("reference", "cpu", "auto"):
+            raise GraphcError(f"unknown training backend '{backend}'",
+                              hint="use 'cpu', 'reference' or 'auto'")
+        self.backend = backend
         self.net = net if net is not None else self._init_train_net()
+        if net is None and backend != "reference":
+            self._check_compiled()
         self._load_weights([self.net])
         self.test_nets = list(test_nets) if test_nets is not None else self._init_test_nets()
         if test_nets is not None:
@@ -207,8 +216,24 @@ class Solver:
         net.CopyFrom(src.net)
         net.ClearField("state")
         phase = "train" if state.phase == pb.TRAIN else "test"
+        backend = "cpu" if phase == "train" and self.backend != "reference" else "reference"
         return Net(NetSource(net, src.filename, list(src.layer_lines)), phase=phase,
-                   level=int(state.level), stages=list(state.stage), seed=self.seed)
+                   level=int(state.level), stages=list(state.stage), seed=self.seed,
+                   backend=backend)
+
+    def _check_compiled(self) -> None:
+        """Compile the train net's pass now: with backend "auto", fall back to the
+        reference executor (logging why) when a layer has no CPU kernel."""
+        try:
+            self.net.compiled_train()
+        except GraphcError as e:
+            if self.backend != "auto":
+                raise
+            self.log.info(f"The CPU backend cannot compile this net's training pass, so it "
+                          f"trains on the reference executor: {e}", "solver.cpp:60")
+            self.net.backend = "reference"
+            return
+        self.log.info("Training pass compiled by the CPU backend", "solver.cpp:60")
 
     def _init_train_net(self):
         sp = self.param

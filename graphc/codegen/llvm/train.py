@@ -126,11 +126,20 @@ def grad_parts(g: Graph, n: Node) -> GradParts:
 _HINT = "train with --backend reference (graphc.Net(..., backend='reference'))"
 
 
+def is_host_node(n: Node) -> bool:
+    """A node that makes data by itself (a data layer, DummyData): it runs in Python
+    before each pass, writing its outputs into the arena."""
+    return not n.inputs and n.op != "Fill"
+
+
 def _why_not(g: Graph, n: Node):
     """None when lower_train can compile node n, else (why, hint)."""
     from .kernels import grad_conv, grad_pointwise, grad_pool, loss, supported
-    if n.op in VIEW_OPS or n.op in ("Sum", "Fill"):
+    if n.op in VIEW_OPS or n.op in ("Sum", "Fill") or is_host_node(n):
         return None
+    if n.op == "Python":
+        return ("a Python layer runs Python code inside the pass", "replace it by built-in "
+                "layers")
     if n.op == "Grad":
         op = n.attrs["op"]
         p = grad_parts(g, n)
@@ -216,6 +225,7 @@ class TrainProgram:
     program: Program
     backward_step: int          # index of the first step of the backward graph
     param_offsets: dict
+    host_nodes: list            # nodes run in Python before the pass (data layers)
 
 
 def lower_train(tg: Graph, params: ParamBuffer, target: jit.Target | str = "native"
@@ -233,8 +243,14 @@ def lower_train(tg: Graph, params: ParamBuffer, target: jit.Target | str = "nati
         off = k.weights.add(("param", name), np.zeros(p.type.shape, np.float32))
         if off != params.offsets[name]:
             raise AssertionError(f"param layout differs for {name}")
-    nodes, backward = [], None
+    nodes, backward, host = [], None, []
     for n in tg.nodes:
+        if is_host_node(n):
+            if k.steps:
+                raise unsupported(n, "a data layer after layers that compute",
+                                  "put the data layers first, or " + _HINT)
+            host.append(n)
+            continue
         k.node_index, k.node = len(nodes), n
         if backward is None and n.op in ("Grad", "Fill", "Sum"):
             backward = len(k.steps)
@@ -253,7 +269,7 @@ def lower_train(tg: Graph, params: ParamBuffer, target: jit.Target | str = "nati
     prog = Program(tg.name, str(k.mod), k.steps, nodes, inputs, outputs,
                    _align(k.temp_base + k.temp_bytes), k.scratch_bytes, k.weights, plan)
     return TrainProgram(prog, len(k.steps) if backward is None else backward,
-                        dict(params.offsets))
+                        dict(params.offsets), host)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,6 +282,51 @@ def _aligned(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
     return raw, raw[start:start + nbytes]
 
 
+class _Code:
+    """A shared library of compiled steps; ``address(name)`` of a step function."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+
+    def address(self, name: str) -> int:
+        return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
+
+
+def load_code(module_ir: str, cpu: str = "native") -> _Code:
+    """The module compiled (-O3) into a shared library in the graphc cache, keyed by the
+    IR and the target (an unchanged net compiles once per machine)."""
+    import hashlib
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    from ...runtime.build import cache_dir, find_cc
+    t = jit.target(cpu)
+    h = hashlib.blake2b(digest_size=20)
+    for part in (module_ir, t.cpu_name, t.features):
+        h.update(part.encode())
+        h.update(b"\0")
+    root = cache_dir()
+    path = root / f"train-{h.hexdigest()}.so"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        obj = jit.emit_object(module_ir, t)
+        with tempfile.TemporaryDirectory(prefix="graphc-train-") as d:
+            (Path(d) / "steps.o").write_bytes(obj)
+            tmp = root / f".{path.name}.{os.getpid()}.tmp"
+            cmd = [*find_cc(), "-shared", "-o", str(tmp), str(Path(d) / "steps.o"), "-lm",
+                   "-Wl,-z,noexecstack"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise GraphcError(f"the C compiler failed to link the training steps:\n"
+                                  f"{r.stderr.strip()}",
+                                  hint="set CC to a working C compiler, or " + _HINT)
+            os.replace(tmp, path)
+    return _Code(path)
+
+
 class CompiledTrainNet:
     """A train graph compiled for the CPU, run in this process.
 
@@ -274,23 +335,25 @@ class CompiledTrainNet:
     ``params``: the ParamBuffer (the solver updates its views in place)."""
 
     def __init__(self, tg: Graph, params: ParamBuffer | None = None, *,
-                 cpu: str = "native", num_threads: int | None = None, poison: bool = False):
+                 cpu: str = "native", num_threads: int | None = None, poison: bool = False,
+                 source_params=None):
         from .train_runner import StepRunner
         self.graph = tg
+        self.source_params = tg.params if source_params is None else source_params
         self.params = params or ParamBuffer(tg.params)
         if params is None:
             self.params.adopt(tg.params)
         self.train = lower_train(tg, self.params, cpu)
         prog = self.train.program
         self.program = prog
-        self._jit = jit.compile_ir(prog.ir, cpu)
+        self._code = load_code(prog.ir, cpu)
         self.runner = StepRunner(num_threads)
         nt = self.runner.num_threads
         self._raw_arena, self.arena = _aligned(max(prog.arena_bytes, ALIGN))
         self.scratch_stride = _align(max(prog.scratch_bytes, ALIGN))
         self._raw_scratch, self.scratch = _aligned(self.scratch_stride * nt)
         self._fns = (ctypes.c_void_p * len(prog.steps))(
-            *(self._jit.address(s.fn) for s in prog.steps))
+            *(self._code.address(s.fn) for s in prog.steps))
         self._parts = (ctypes.c_int64 * len(prog.steps))(
             *(self._nparts(s, nt) for s in prog.steps))
         self.poison = poison
@@ -315,16 +378,18 @@ class CompiledTrainNet:
         """The arena view of value ``v`` (meaningful only while its buffer is live)."""
         return self._view(v)
 
-    def run(self, forward_only: bool = False) -> float:
+    def run(self, forward_only: bool = False, ctx=None) -> float:
         """One pass (the forward steps only with ``forward_only``); returns the total
-        weighted loss, summed in float32 as Caffe's Net::Forward."""
-        self.params.sync(self.graph.params)
+        weighted loss, summed in float32 as Caffe's Net::Forward.  ``ctx``: the ops'
+        Context for the data layers run in Python (default: a fresh one)."""
+        self.params.sync(self.source_params)
         if self.poison:
             saved = {k: v.copy() for k, v in self.inputs.items()}
             self.arena.view(np.float32)[...] = np.nan
             self.scratch.view(np.float32)[...] = np.nan
             for k, v in saved.items():
                 self.inputs[k][...] = v
+        self._run_host_nodes(ctx)
         n = self.train.backward_step if forward_only else len(self.program.steps)
         self.runner.run(self._fns, self._parts, n, self.arena.ctypes.data,
                         self.params.address, self.scratch.ctypes.data, self.scratch_stride)
@@ -332,6 +397,27 @@ class CompiledTrainNet:
         for a, w in self.losses:
             loss += np.float32(w) * a.sum(dtype=np.float32)
         return float(loss)
+
+    def _run_host_nodes(self, ctx) -> None:
+        from ...errors import OpError
+        from ...ops import get_op
+        from ...ops.base import Context
+        if not self.train.host_nodes:
+            return
+        if ctx is None:
+            ctx = self._ctx = getattr(self, "_ctx", None) or Context(phase="train")
+        g = self.graph
+        for n in self.train.host_nodes:
+            ctx.node = n
+            try:
+                outs = get_op(n.op).forward(n.attrs, [], [g.params[p].data for p in n.params],
+                                            ctx)
+            except OpError as e:
+                raise e.located(where=n.loc, layer=n.name, layer_type=n.op)
+            finally:
+                ctx.node = None
+            for v, a in zip(n.outputs, outs):
+                self._view(v)[...] = a
 
     def close(self) -> None:
         self.runner.close()
