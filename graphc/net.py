@@ -119,6 +119,8 @@ class Net:
         feeds = self._feeds(inputs)
         g = self.graph
         self._remember(feeds)
+        if self.backend == "cpu" and self.phase == "train":
+            return self._run_compiled_train(forward_only=True)
         if self.backend in ("cpu", "cuda"):
             out = self._cpu_net().forward(**{b: self.blobs[b] for b in self.inputs})
             for blob, value in out.items():
