@@ -1,0 +1,231 @@
+"""Training on the compiled CPU backend (codegen/llvm/train.py) against the reference
+executor: the loss and every param gradient (relative L2) of small nets covering each
+gradient kernel, then LeNet and CIFAR-10 quick whole, on fresh random inputs and params,
+with the arena and scratch poisoned (NaN) before every pass so an element a kernel
+fails to write shows.  Plus the errors for layers without kernels, and Caffe's solver
+curve (the digits LeNet) trained compiled.
+"""
+from __future__ import annotations
+
+
+
+import numpy as np
+import pytest
+
+import graphc
+from graphc.errors import GraphcError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRAPHC_CACHE", str(tmp_path_factory.mktemp("graphc-cache")))
+    mp.setenv("GRAPHC_NUM_THREADS", "2")
+    yield
+    mp.undo()
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _input(name, tops_shapes):
+    shapes = "".join(" shape { " + " ".join(f"dim: {d}" for d in s) + " }"
+                     for s in tops_shapes)
+    tops = "".join(f' top: "{t}"' for t, _ in zip(name, tops_shapes))
+    return f'layer {{ name: "input" type: "Input"{tops} input_param {{{shapes} }} }}\n'
+
+
+def compare(tmp_path, rng, text: str, feeds: dict, tol: float = 2e-5, passes: int = 2):
+    """Build the net twice (reference, cpu), give both the same random params, run
+    ``passes`` forward_backward passes (params changed in place between them, as a solver
+    does) and compare the loss and every param gradient."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    ref = graphc.Net(str(path), phase="train")
+    cpu = graphc.Net(str(path), phase="train", backend="cpu")
+    for name, p in ref.graph.params.items():
+        p.data[...] = (rng.standard_normal(p.data.shape) * 0.3).astype(np.float32)
+        cpu.graph.params[name].data[...] = p.data
+    cpu.compiled_train().poison = True
+    for _ in range(passes):
+        lr = ref.forward_backward(**feeds)
+        lc = cpu.forward_backward(**feeds)
+        assert np.isfinite(lc) and abs(lc - lr) <= tol * max(1.0, abs(lr)), (lc, lr)
+        for name, g in ref.grads.items():
+            assert np.linalg.norm(g) > 0, name          # a real check, not of zeros
+            assert rel_l2(cpu.grads[name], g) < tol, (name, rel_l2(cpu.grads[name], g))
+        for name, p in ref.graph.params.items():      # an update, in place, on both
+            step = (rng.standard_normal(p.data.shape) * 0.01).astype(np.float32)
+            p.data += step
+            cpu.graph.params[name].data += step
+    return cpu
+
+
+def labels(rng, n, classes=10):
+    return rng.integers(0, classes, n).astype(np.float32)
+
+
+def test_conv_pool_relu_ip_softmax(tmp_path, rng):
+    """Convolution (pad, stride 2, groups, bias) -> MAX pooling with overlapping windows
+    (keeps its argmax) -> ReLU -> Convolution (1x1) -> AVE pooling (padded) ->
+    InnerProduct -> SoftmaxWithLoss; the data gradient of a convolution is exercised by
+    the second one."""
+    n = int(rng.integers(2, 5))
+    text = (_input(["data", "label"], [(n, 4, 11, 9), (n,)]) + """
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+  convolution_param { num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2 } }
+layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "r1" type: "ReLU" bottom: "p1" top: "p1" }
+layer { name: "c2" type: "Convolution" bottom: "p1" top: "c2"
+  convolution_param { num_output: 5 kernel_h: 1 kernel_w: 2 } }
+layer { name: "p2" type: "Pooling" bottom: "c2" top: "p2"
+  pooling_param { pool: AVE kernel_size: 2 stride: 1 pad: 1 } }
+layer { name: "ip" type: "InnerProduct" bottom: "p2" top: "ip"
+  inner_product_param { num_output: 7 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""")
+    compare(tmp_path, rng, text, {"data": rng.standard_normal((n, 4, 11, 9)).astype(np.float32),
+                                  "label": labels(rng, n, 7)})
+
+
+def test_activations_transpose_ip_split(tmp_path, rng):
+    """Sigmoid, TanH, leaky ReLU gradients; InnerProduct with ``transpose`` and ``axis``;
+    a blob read by two layers (Caffe's Split: the gradients add); two weighted losses,
+    one with ignore_label and FULL normalization."""
+    n = int(rng.integers(3, 9))
+    text = (_input(["data", "label"], [(n, 3, 5), (n,)]) + """
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  inner_product_param { num_output: 12 axis: 1 } }
+layer { name: "sig" type: "Sigmoid" bottom: "ip1" top: "sig" }
+layer { name: "ip2" type: "InnerProduct" bottom: "sig" top: "ip2"
+  inner_product_param { num_output: 9 transpose: true } }
+layer { name: "tanh" type: "TanH" bottom: "ip2" top: "ip2" }
+layer { name: "lrelu" type: "ReLU" bottom: "ip2" top: "lr" relu_param { negative_slope: 0.2 } }
+layer { name: "a" type: "InnerProduct" bottom: "lr" top: "a" inner_product_param { num_output: 4 } }
+layer { name: "b" type: "InnerProduct" bottom: "lr" top: "b" inner_product_param { num_output: 4 } }
+layer { name: "la" type: "SoftmaxWithLoss" bottom: "a" bottom: "label" top: "la" }
+layer { name: "lb" type: "SoftmaxWithLoss" bottom: "b" bottom: "label" top: "lb" loss_weight: 0.5
+  loss_param { ignore_label: 2 normalization: FULL } }
+""")
+    y = labels(rng, n, 4)
+    y[0] = 2
+    compare(tmp_path, rng, text, {"data": rng.standard_normal((n, 3, 5)).astype(np.float32),
+                                  "label": y})
+
+
+def _zoo_net(shared_dir, file, batch, chw):
+    from graphc.frontend import caffe_pb2 as pb
+    from graphc.frontend.prototxt import read_net
+    src = read_net(str(shared_dir / "zoo" / file)).net
+    net = pb.NetParameter()
+    inp = net.layer.add()
+    inp.name, inp.type = "input", "Input"
+    inp.top.extend(["data", "label"])
+    inp.input_param.shape.add().dim.extend([batch, *chw])
+    inp.input_param.shape.add().dim.extend([batch])
+    for layer in src.layer:
+        if layer.type not in ("Data", "ImageData", "HDF5Data"):
+            net.layer.add().CopyFrom(layer)
+    return str(net)
+
+
+@pytest.mark.parametrize("file,chw", [("lenet_train_test.prototxt", (1, 28, 28)),
+                                      ("cifar10_quick_train_test.prototxt", (3, 32, 32))])
+def test_zoo_nets(shared_dir, tmp_path, rng, file, chw):
+    batch = int(rng.integers(3, 9))
+    text = _zoo_net(shared_dir, file, batch, chw)
+    compare(tmp_path, rng, text,
+            {"data": rng.standard_normal((batch, *chw)).astype(np.float32),
+             "label": labels(rng, batch)}, tol=1e-4)
+
+
+def test_views_and_forward(tmp_path, rng):
+    """net.params are views of the compiled pass's buffer: an in-place update is what
+    the next pass reads; forward() runs the compiled forward steps only."""
+    text = (_input(["data", "label"], [(4, 6), (4,)]) + """
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""")
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    net = graphc.Net(str(path), phase="train", backend="cpu")
+    ref = graphc.Net(str(path), phase="train")
+    x, y = rng.standard_normal((4, 6)).astype(np.float32), labels(rng, 4, 3)
+    w = net.params["ip"][0]
+    w -= 0.3                                   # in place: the compiled pass sees it
+    ref.params["ip"][0][...] = w
+    out = net.forward(data=x, label=y)
+    assert abs(out["loss"] - ref.forward(data=x, label=y)["loss"]) < 1e-5
+    assert w.base is not None and net.compiled_train().params.views["ip.0"] is w
+
+
+def test_unsupported_layer_names_it(tmp_path):
+    text = (_input(["data", "label"], [(2, 3, 8, 8), (2,)]) + """
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "norm1" type: "LRN" bottom: "conv" top: "norm1" }
+layer { name: "ip" type: "InnerProduct" bottom: "norm1" top: "ip"
+  inner_product_param { num_output: 3 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""")
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    net = graphc.Net(str(path), phase="train", backend="cpu")
+    with pytest.raises(GraphcError) as e:
+        net.forward_backward(data=np.ones((2, 3, 8, 8), np.float32),
+                             label=np.zeros(2, np.float32))
+    msg = str(e.value)
+    assert "norm1" in msg and "reference" in msg
+
+
+def test_solver_auto_falls_back(tmp_path):
+    """backend="auto": a net with a layer the backend cannot train runs on the reference
+    executor, and the log says why."""
+    import io
+    from graphc.frontend import caffe_pb2 as pb
+    from google.protobuf import text_format
+    net_text = (_input(["data", "label"], [(2, 3, 4, 4), (2,)]) + """
+layer { name: "drop" type: "Dropout" bottom: "data" top: "drop" }
+layer { name: "ip" type: "InnerProduct" bottom: "drop" top: "ip"
+  inner_product_param { num_output: 3 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+""")
+    sp = pb.SolverParameter()
+    text_format.Parse(net_text, sp.net_param)
+    sp.base_lr, sp.lr_policy, sp.max_iter = 0.01, "fixed", 1
+    log = io.StringIO()
+    solver = graphc.get_solver(sp, log=log, backend="auto")
+    assert solver.net.backend == "reference"
+    assert "drop" in log.getvalue() and "reference" in log.getvalue()
+
+
+def test_golden_sgd_compiled(shared_dir, monkeypatch):
+    """Caffe's SGD loss curve on the digits LeNet (tests/test_train_golden.py), trained
+    with the compiled pass: the first 50 iterations within 1e-4 relative."""
+    d = shared_dir / "golden" / "train_digits"
+    if not (d / "losses_sgd.npy").exists():
+        pytest.skip(f"the golden training data is absent at {d}")
+    from graphc.frontend.prototxt import read_solver
+    monkeypatch.chdir(d)
+    ref = np.load(d / "losses_sgd.npy").astype(np.float64)[:50]
+    sp = read_solver("solver_sgd.prototxt")
+    sp.snapshot_after_train = False
+    sp.test_interval, sp.test_initialization = 0, False
+    del sp.test_iter[:]
+    sp.ClearField("test_net_param")
+    solver = graphc.get_solver(sp, filename="solver_sgd.prototxt", backend="cpu",
+                               test_nets=[])
+    solver.net.copy_from("init.caffemodel")
+    assert solver.net.backend == "cpu"
+    losses = []
+    solver.add_callback(on_gradients_ready=lambda: losses.append(float(solver.loss)))
+    solver.step(50)
+    rel = np.abs(np.array(losses) - ref) / np.abs(ref)
+    assert rel.max() < 1e-4, (int(rel.argmax()), rel.max())
+
+
+
