@@ -70,7 +70,8 @@ def train_net_param(zoo: Path, file: str, batch: int, chw):
     return net
 
 
-def make_solver(net_param, base_lr: float, weight_decay: float, seed: int):
+def make_solver(net_param, base_lr: float, weight_decay: float, seed: int,
+                backend: str = "cpu"):
     from graphc.frontend import caffe_pb2 as pb
     from graphc.train.solver import get_solver
     sp = pb.SolverParameter()
@@ -85,7 +86,7 @@ def make_solver(net_param, base_lr: float, weight_decay: float, seed: int):
     sp.snapshot = 0
     sp.snapshot_after_train = False
     sp.random_seed = seed
-    return get_solver(sp)
+    return get_solver(sp, backend=backend)
 
 
 def make_data(name: str, batch: int, chw, rng):
@@ -101,9 +102,14 @@ def bench_net(name: str, args, rng) -> dict:
     from torch_nets import TorchNet
     file, chw, base_lr, wd = NETS[name]
     zoo = Path(args.shared or ROOT.parent / "shared") / "zoo"
-    solver = make_solver(train_net_param(zoo, file, args.batch, chw), base_lr, wd,
-                         seed=int(rng.integers(1 << 30)))
+    seed = int(rng.integers(1 << 30))
+    netp = train_net_param(zoo, file, args.batch, chw)
+    solver = make_solver(netp, base_lr, wd, seed=seed, backend="cpu")
+    assert solver.net.backend == "cpu"
+    ref_solver = make_solver(netp, base_lr, wd, seed=seed, backend="reference")
     g = solver.net.graph
+    for pname, p in ref_solver.net.graph.params.items():
+        p.data[...] = g.params[pname].data
     x, y = make_data(name, args.batch, chw, rng)
     if args.wait_idle > 0:
         from cpu_inference import wait_idle
@@ -111,12 +117,15 @@ def bench_net(name: str, args, rng) -> dict:
     else:
         res_busy = None
 
-    def feed():
-        i = solver.iter % NUM_BATCHES
-        solver.net.blobs["data"][...] = x[i]
-        solver.net.blobs["label"][...] = y[i]
+    def feeder(sv):
+        def feed():
+            i = sv.iter % NUM_BATCHES
+            sv.net.blobs["data"][...] = x[i]
+            sv.net.blobs["label"][...] = y[i]
+        return feed
 
-    solver.add_callback(on_start=feed)
+    solver.add_callback(on_start=feeder(solver))
+    ref_solver.add_callback(on_start=feeder(ref_solver))
     module = TorchNet(g, train=True)      # the same initial weights (copied now)
     groups = []
     for i, (pname, p) in enumerate(g.params.items()):
@@ -131,6 +140,10 @@ def bench_net(name: str, args, rng) -> dict:
         solver.step(1)
         return float(solver.loss)
 
+    def step_reference():
+        ref_solver.step(1)
+        return float(ref_solver.loss)
+
     def step_torch():
         i = state["it"] % NUM_BATCHES
         state["it"] += 1
@@ -141,10 +154,12 @@ def bench_net(name: str, args, rng) -> dict:
         return float(loss.detach())
 
     steps = {"graphc": step_graphc, "pytorch": step_torch}
+    if not args.no_reference:
+        steps["reference"] = step_reference
     times = {k: [] for k in steps}
     losses = {k: [] for k in steps}
     for r in range(args.warmup + args.iters):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]
         for k in order:
             time.sleep(PAUSE_S)
             t0 = time.perf_counter()
@@ -183,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each net, wait up to this long for other jobs to leave the "
                          "CPUs (for a shared machine)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="leave out graphc's reference executor (the context row)")
     ap.add_argument("--shared", default=None, help="the shared/ folder (default ../shared)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_training.md"))
     args = ap.parse_args(argv)
@@ -211,19 +228,24 @@ def write_report(args, rows, total, torch) -> None:
         f"numpy {np.__version__}, torch {torch.__version__} (eager). Memory: "
         f"{args.malloc_note}.",
         "",
-        "graphc: `graphc.train` SGDSolver (Caffe's solver loop and update) on graphc.Net's "
-        "**reference executor** (numpy forward and derived backward graph; the compiled cpu "
-        "backend does not train yet). PyTorch: the same net built from graphc's IR "
-        "(bench/torch_nets.py) with the same initial weights, `torch.optim.SGD` with the same "
-        "per-blob learning rates and weight decays.",
+        "graphc: `graphc.train` SGDSolver (Caffe's solver loop and update, numpy, on the "
+        "param arrays in place) on graphc.Net(backend=\"cpu\"): the train graph (forward, "
+        "derived backward, loss) **compiled by the CPU backend** (graphc/codegen/llvm/train.py), "
+        "run on a 2-thread pool; the params and param gradients are numpy views of the compiled "
+        "pass's memory. graphc reference: the same solver on the numpy reference executor (for "
+        "context). PyTorch: the same net built from graphc's IR (bench/torch_nets.py) with the "
+        "same initial weights, `torch.optim.SGD` with the same per-blob learning rates and "
+        "weight decays.",
         "",
         f"Batch {args.batch}; SGD momentum {MOMENTUM}, lr_policy fixed; {args.warmup} warm-up "
         f"then {args.iters} timed iterations each, interleaved one by one (alternating which "
-        "goes first), 50 ms apart; images/s = batch / median iteration time.",
+        "goes first, rotating), 50 ms apart; images/s = batch / median iteration time. An "
+        "iteration is the whole solver step: forward, backward and the update.",
         "",
-        "| net | data | base_lr, weight_decay | graphc ms/iter (p90) | PyTorch ms/iter (p90) "
-        "| graphc images/s | PyTorch images/s | graphc / PyTorch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| net | data | base_lr, weight_decay | graphc cpu ms/iter (p90) | PyTorch ms/iter "
+        "(p90) | graphc cpu images/s | PyTorch images/s | PyTorch time / graphc time | "
+        "graphc reference ms/iter (p90) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tg, tt = r["times"]["graphc"], r["times"]["pytorch"]
@@ -232,7 +254,10 @@ def write_report(args, rows, total, torch) -> None:
             f"| {r['name']} | {r['data']} | {r['base_lr']:g}, {r['wd']:g} | {mg * 1e3:.1f} "
             f"({np.percentile(tg, 90) * 1e3:.1f}) | {mt * 1e3:.1f} "
             f"({np.percentile(tt, 90) * 1e3:.1f}) | {args.batch / mg:.1f} | "
-            f"{args.batch / mt:.1f} | {mt / mg:.2f} |")
+            f"{args.batch / mt:.1f} | {mt / mg:.2f} | " + (
+                f"{np.median(r['times']['reference']) * 1e3:.1f} "
+                f"({np.percentile(r['times']['reference'], 90) * 1e3:.1f}) |"
+                if "reference" in r["times"] else "- |"))
     lines += ["", "Same work, checked: the training losses of the two runs, iteration by "
               "iteration (warm-up included):", "",
               "| net | iterations | first loss (graphc, PyTorch) | last loss (graphc, PyTorch) "
