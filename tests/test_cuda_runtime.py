@@ -596,6 +596,26 @@ def test_generated_net_through_the_runtime(tmp_path, fake, rng, monkeypatch, pre
     assert not emu.errors, emu.errors
 
 
+def test_compile_command_for_cuda(tmp_path, capsys):
+    """``graphc compile --target cuda`` on a machine without a GPU: a library and header."""
+    pytest.importorskip("graphc.codegen.cuda.lower",
+                        reason="the CUDA code generator is not in this build")
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
+    net = tmp_path / "small.prototxt"
+    net.write_text(SMALL_NET)
+    out = tmp_path / "small.so"
+    assert main(["compile", str(net), "--target", "cuda", "--precision", "fp16",
+                 "--keep-sources", str(tmp_path / "src"), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "for sm_90 (fp16)" in text and "kernel launches" in text
+    header = (tmp_path / "small.h").read_text()
+    assert 'GRAPHC_CUDA_ARCH "sm_90"' in header and 'GRAPHC_PRECISION "fp16"' in header
+    assert (tmp_path / "src" / "kernels.cu").is_file()
+    lib = open_library(out)
+    assert lib.graphc_target() == b"cuda" and lib.graphc_precision() == b"fp16"
+    assert lib.graphc_input_shape(0)[3] == 12
+
+
 # ---------------------------------------------------------------------------------------
 # what the build checks
 
