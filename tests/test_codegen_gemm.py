@@ -149,6 +149,37 @@ def test_native_code_uses_vector_fma(native):
     assert f"vfmadd231ps\t%{reg}" in asm or "vfmadd231ps" in asm and reg in asm
 
 
+@pytest.mark.parametrize("cpu", ["native", "avx2", "generic"])
+def test_packed_a(rng, cpu):
+    """A pre-packed into panels (as a compiled conv's weights): same results on every
+    target, with row splits (M across parts), K blocks, accumulation and tile edges."""
+    if cpu == "avx2" and not _host_has("avx2", "fma"):
+        pytest.skip("the host has no AVX2 + FMA")
+    g = gemm.Gemm(cpu, packed_a=True, min_flops_per_thread=0)
+    shapes = [(1, 1, 1), (17, 7, 13), (33, 65, 257), (300, 40, 50), (200, 33, 600),
+              (64, 49, 576), (int(rng.integers(2, 90)), int(rng.integers(2, 90)),
+                              int(rng.integers(2, 700)))]
+    for M, N, K in shapes:
+        for threads in (1, 2, 3):
+            check(g, rng, M, N, K, threads)
+    check(g, rng, 200, 33, 600, 2, accumulate=True)
+
+
+def test_pack_a_panels_layout(rng):
+    cfg = gemm.GemmConfig(vw=4, mr=3, nv=1, kc=8, mc=6, nc=8, unroll=4)
+    a = rng.standard_normal((5, 13)).astype(np.float32)
+    # K = 13 runs as two blocks of 8 and 5 (padded to 8): each block 2 panels x 8 x 3
+    assert gemm.k_block(13, cfg) == 8 and gemm.packed_depth(13, cfg) == 16
+    p = gemm.pack_a_panels(a, cfg)
+    assert p.shape == (2 * 16 * 3,)
+    for i in range(5):
+        for k in range(13):
+            blk, kk = divmod(k, 8)
+            assert p[blk * 8 * 6 + (i // 3) * 8 * 3 + kk * 3 + i % 3] == a[i, k]
+    blocks = p.reshape(2, 2, 8, 3)         # [K block, panel, k, row in panel]
+    assert (blocks[:, 1, :, 2] == 0).all() and (blocks[1, :, 5:, :] == 0).all()
+
+
 def naive_bias_act(acc, bias, mode, slope):
     """Reference: acc + bias (per row or per column), then Caffe's ReLU."""
     y = acc + (bias[:, None] if mode == "row" else bias[None, :])

@@ -423,7 +423,8 @@ class Copy(graphc.PythonLayer):
 
 
 @pytest.mark.parametrize("layer,name,what", [
-    ('layer { name: "am" type: "ArgMax" bottom: "x" top: "am" }', "am", "no CPU kernel"),
+    ('layer { name: "acc" type: "Accuracy" bottom: "x" bottom: "label" top: "acc" }', "acc",
+     "no CPU kernel"),
     ('layer { name: "py" type: "Python" bottom: "x" top: "py" '
      'python_param { module: "cpu_test_layer" layer: "Copy" } }', "py", "Python code"),
     ('layer { name: "dd" type: "DummyData" top: "dd" dummy_data_param { shape { dim: 2 } } }',
@@ -433,7 +434,7 @@ def test_unsupported_layer_is_an_error(tmp_path, layer, name, what):
     """A layer the backend cannot compile is a GraphcError naming it, at compile time."""
     from graphc.errors import GraphcError
     (tmp_path / "cpu_test_layer.py").write_text(PYLAYER)
-    shapes = {"x": (2, 5)}
+    shapes = {"x": (2, 5), "label": (2,)}
     net = net_from_text(inputs_layer(shapes) + layer + "\n", tmp_path)
     with pytest.raises(GraphcError) as e:
         compile_graph(net.graph)

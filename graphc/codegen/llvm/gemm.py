@@ -24,6 +24,10 @@ On the last K block, an :class:`Epilogue` hook (e.g. bias + ReLU, for convolutio
 implicit GEMM) is applied to the tile while it is still in registers, so the result is
 written once.
 
+Pre-packed A (``packed_a=True``): A is given already in the microkernel's panel layout
+(:func:`pack_a_panels`, done once at compile time for a convolution's weights), so no
+run packs it again; the argument lda is then unused.
+
 Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
 to ``part`` (whole MR-tiles of rows or NR-tiles of columns, whichever split gives the
 busiest part less work, packing included) with its own packing workspace of
@@ -111,6 +115,40 @@ def default_config(t: jit.Target) -> GemmConfig:
         return GemmConfig(vw=8, mr=6, nv=2, kc=256, mc=6 * 24, nc=4096)
     # x86-64 baseline: 16 xmm registers, no FMA (fmuladd becomes mul + add)
     return GemmConfig(vw=4, mr=6, nv=2, kc=256, mc=6 * 16, nc=2048)
+
+
+def packed_depth(k: int, config: GemmConfig) -> int:
+    """K rounded up to the microkernel's unroll: the depth of a pre-packed A panel."""
+    return _round_up(max(k, 1), config.unroll)
+
+
+def k_block(k: int, config: GemmConfig) -> int:
+    """The GEMM's K block for depth k (as the generated driver computes it): as few
+    blocks as KC allows, of equal size rounded up to the unroll."""
+    nblocks = max(1, -(-k // config.kc))
+    return _round_up(-(-k // nblocks), config.unroll)
+
+
+def pack_a_panels(a: np.ndarray, config: GemmConfig) -> np.ndarray:
+    """A (M x K) in the layout a ``packed_a`` GEMM reads, flat float32: for each K block
+    (k_block; depth kc, padded to kcp, a multiple of the unroll) in turn, ceil(M / MR)
+    panels of kcp x MR, ``panel[k, r] = A[p * MR + r, pc + k]``, zeros past M and K.
+    The block at depth pc starts at pc * Mp (Mp = M rounded up to MR), so one K block of
+    an MC-row block is one contiguous run, read in order by the microkernels."""
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim != 2:
+        raise GraphcError(f"pack_a_panels needs a 2-D matrix, got shape {a.shape}",
+                          hint="reshape the weights to (rows, K)")
+    m, k = a.shape
+    mr, kp = config.mr, packed_depth(k, config)
+    panels = -(-m // mr)
+    full = np.zeros((panels * mr, kp), np.float32)
+    full[:m, :k] = a
+    kb, out = k_block(k, config), []
+    for pc in range(0, kp, kb):
+        blk = full[:, pc:pc + kb]              # kcp columns (the last block: kp - pc)
+        out.append(blk.reshape(panels, mr, blk.shape[1]).transpose(0, 2, 1).reshape(-1))
+    return np.ascontiguousarray(np.concatenate(out))
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +294,8 @@ class GemmGenerator:
       ``p_pack_a(mc, kc, kcp, a, lda, ap)``, ``p_pack_b(kc, kcp, nc, b, ldb, bp)`` (internal)
       ``p(M, N, K, A, lda, B, ldb, C, ldc, accumulate, part, nparts, workspace, *epi args)``
       ``i64 p_workspace_bytes()``: bytes of workspace each part needs (64-byte aligned)
+    With ``packed_a``, ``A`` of ``p`` is the panel array of :func:`pack_a_panels` (lda is
+    unused) and no A block is packed at run time.
     The microkernel and packers are reusable by other drivers (implicit-GEMM convolution).
     """
 
@@ -263,13 +303,16 @@ class GemmGenerator:
     # ~0.1-0.16 ns per A element, ~0.1 ns per B element at ~240 GFLOP/s)
     PACK_A_COST = 40
     PACK_B_COST = 24
+    #: floats ahead of the microkernel that a pre-packed A is prefetched (0: none)
+    PREFETCH_A = 1024
 
     def __init__(self, config: GemmConfig, epilogue: Epilogue | None = None,
-                 name: str = "sgemm", fma: bool = True):
+                 name: str = "sgemm", fma: bool = True, packed_a: bool = False):
         self.cfg = config
         self.epi = epilogue or Epilogue()
         self.name = name
         self.fma = fma
+        self.packed_a = bool(packed_a)
         self.vt = ir.VectorType(F32, config.vw)
 
     # -- microkernel --------------------------------------------------------------------
@@ -316,6 +359,13 @@ class GemmGenerator:
             for off in [*range(0, NR, 16), NR - 1]:
                 b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
                                   ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        if self.packed_a and self.PREFETCH_A:
+            # pre-packed A streams from memory (the weights): prefetch it (the next panels
+            # follow in the same run) far enough ahead to hide the latency
+            ao = b.add(b.mul(k, i64(MR)), i64(self.PREFETCH_A))
+            for off in range(0, MR * c.unroll, 16):
+                b.call(prefetch, [_addr(b, F32, a["ap"], b.add(ao, i64(off))),
+                                  ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
         for u in range(c.unroll):
             ku = b.add(k, i64(u)) if u else k
             bo = b.mul(ku, i64(NR))
@@ -487,7 +537,7 @@ class GemmGenerator:
         rows_m = b.mul(ceil_div(tm, nparts), i64(MR))  # busiest part's rows, split by rows
         cols_n = b.mul(ceil_div(tn, nparts), i64(NR))  # busiest part's columns, split by columns
         m_pad, n_pad = b.mul(tm, i64(MR)), b.mul(tn, i64(NR))
-        pa, pb = i64(self.PACK_A_COST), i64(self.PACK_B_COST)
+        pa, pb = i64(0 if self.packed_a else self.PACK_A_COST), i64(self.PACK_B_COST)
         work_m = b.add(b.add(b.mul(i64(2), b.mul(rows_m, n_pad)), b.mul(pb, N)),
                        b.mul(pa, b.mul(rows_m, ceil_div(N, i64(NC)))))
         work_n = b.add(b.add(b.mul(i64(2), b.mul(cols_n, m_pad)), b.mul(pb, cols_n)),
@@ -528,8 +578,14 @@ class GemmGenerator:
                             a["ldb"], bp])
             with loop(b, m0, m1, mc_blk, name="ic") as ic:
                 mc = imin(b, mc_blk, b.sub(m1, ic))
-                b.call(pack_a, [mc, kc, kcp, _addr(b, F32, a["A"], b.add(b.mul(ic, a["lda"]), pc)),
-                                a["lda"], ap])
+                if self.packed_a:
+                    # K block pc starts at pc * Mp; rows ic.. (a multiple of MR) at
+                    # ic * kcp in it, panel after panel (pack_a_panels)
+                    ablk = _addr(b, F32, a["A"], b.add(b.mul(pc, m_pad), b.mul(ic, kcp)))
+                else:
+                    b.call(pack_a, [mc, kc, kcp,
+                                    _addr(b, F32, a["A"], b.add(b.mul(ic, a["lda"]), pc)),
+                                    a["lda"], ap])
                 with loop(b, 0, nc, NR, name="jr") as jr:
                     nr = imin(b, i64(NR), b.sub(nc, jr))
                     col = b.add(jc, jr)
@@ -537,7 +593,9 @@ class GemmGenerator:
                         mr = imin(b, i64(MR), b.sub(mc, ir_))
                         row = b.add(ic, ir_)
                         cptr = _addr(b, F32, a["C"], b.add(b.mul(row, a["ldc"]), col))
-                        b.call(ukernel, [kcp, _addr(b, F32, ap, b.mul(ir_, kcp)),
+                        a_panel = _addr(b, F32, ablk if self.packed_a else ap,
+                                        b.mul(ir_, kcp))
+                        b.call(ukernel, [kcp, a_panel,
                                          _addr(b, F32, bp, b.mul(jr, kcp)), cptr, a["ldc"],
                                          mr, nr, flags, row, col, *epi_args])
             b.store(pc_next, pc_var)
@@ -554,13 +612,14 @@ class GemmGenerator:
     def emit(self, mod: ir.Module | None = None) -> ir.Module:
         mod = mod or ir.Module(name=self.name)
         uk = self.emit_ukernel(mod)
-        self.emit_gemm(mod, uk, self.emit_pack_a(mod), self.emit_pack_b(mod))
+        pack_a = None if self.packed_a else self.emit_pack_a(mod)
+        self.emit_gemm(mod, uk, pack_a, self.emit_pack_b(mod))
         return mod
 
 
 def gemm_ir(config: GemmConfig, epilogue: Epilogue | None = None, name: str = "sgemm",
-            fma: bool = True) -> str:
-    return str(GemmGenerator(config, epilogue, name, fma).emit())
+            fma: bool = True, packed_a: bool = False) -> str:
+    return str(GemmGenerator(config, epilogue, name, fma, packed_a).emit())
 
 
 # ---------------------------------------------------------------------------------------
@@ -590,13 +649,16 @@ _compiled_lock = threading.Lock()
 _compiled: dict = {}
 
 
-def compile_gemm(target: jit.Target, config: GemmConfig, epilogue: Epilogue) -> jit.JitModule:
-    """The JIT-compiled module for (target, config, epilogue), compiled once per process."""
-    key = (target.cpu_name, target.features, config, epilogue.key())
+def compile_gemm(target: jit.Target, config: GemmConfig, epilogue: Epilogue,
+                 packed_a: bool = False) -> jit.JitModule:
+    """The JIT-compiled module for (target, config, epilogue, packed_a), compiled once
+    per process."""
+    key = (target.cpu_name, target.features, config, epilogue.key(), bool(packed_a))
     with _compiled_lock:
         mod = _compiled.get(key)
         if mod is None:
-            mod = jit.compile_ir(gemm_ir(config, epilogue, fma=target.has_fma), target)
+            mod = jit.compile_ir(gemm_ir(config, epilogue, fma=target.has_fma,
+                                         packed_a=packed_a), target)
             _compiled[key] = mod
         return mod
 
@@ -627,19 +689,22 @@ class Gemm:
     compiled function for its part (the ctypes call releases the GIL).
 
     Epilogue arguments are passed by name (``BiasAct(bias="row")`` needs ``bias=``).
+    ``packed_a=True`` runs the pre-packed-A kernel: the call packs A with
+    :func:`pack_a_panels` first (a compiled net does that once, at compile time).
     A call uses at most one thread per ``min_flops_per_thread`` of work (handing a part to
     a pool thread costs tens of microseconds).
     """
 
     def __init__(self, cpu: str | jit.Target = "native", epilogue: Epilogue | None = None,
                  config: GemmConfig | None = None, threads: int | None = None,
-                 min_flops_per_thread: float = 24e6):
+                 min_flops_per_thread: float = 24e6, packed_a: bool = False):
         self.target = jit.target(cpu) if isinstance(cpu, str) else cpu
+        self.packed_a = bool(packed_a)
         self.min_flops_per_thread = min_flops_per_thread
         self.config = config or default_config(self.target)
         self.epilogue = epilogue or Epilogue()
         self.threads = threads or num_threads()
-        self.module = compile_gemm(self.target, self.config, self.epilogue)
+        self.module = compile_gemm(self.target, self.config, self.epilogue, self.packed_a)
         argtypes = [_c_i64, _c_i64, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_i32,
                     _c_i64, _c_i64, _c_p] + [_c_p] * len(self.epilogue.args)
         #: the compiled entry point: fn(M, N, K, A, lda, B, ldb, C, ldc, accumulate, part,
@@ -701,6 +766,8 @@ class Gemm:
         if self.min_flops_per_thread > 0:
             nt = min(nt, int(2.0 * M * N * max(K, 1) // self.min_flops_per_thread))
         nt = max(1, nt)
+        if self.packed_a:
+            A = pack_a_panels(A, self.config)   # (kept alive until the call returns)
         common = (M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc,
                   int(bool(accumulate)))
         with self._lock:  # the workspaces belong to one call at a time

@@ -172,6 +172,17 @@ class KernelContext:
         from .kernels.pointwise import Src
         return Src("weights", self.weights.add(("param", pname), self.param_data(pname)))
 
+    def packed_weights(self, pname: str, groups: int = 1):
+        """Param ``pname`` as the A operand of a ``gemm(..., packed_a=True)``: its rows
+        (the first axis) split into ``groups`` equal groups, each (rows x K) packed into
+        panels (gemm.pack_a_panels) at compile time; returns (Src, floats per group)."""
+        from .gemm import pack_a_panels
+        w = self.param_data(pname)
+        w = w.reshape(groups, w.shape[0] // groups, -1)
+        packed = [pack_a_panels(wg, self.gemm_config) for wg in w]
+        key = ("packed-a", pname, groups, self.gemm_config)
+        return self.weights_src(np.concatenate(packed), key), packed[0].size
+
     def weights_src(self, array: np.ndarray, key):
         from .kernels.pointwise import Src
         return Src("weights", self.weights.add(key, array))
@@ -204,12 +215,14 @@ class KernelContext:
         parts = max(1, min(1 << 16, int(work) // GRAIN))
         self.steps.append(Step(fn, self.node_index, parts, per_thread))
 
-    def gemm(self, epilogue: Epilogue) -> ir.Function:
-        """The SGEMM entry for an epilogue (one instance per distinct epilogue)."""
-        key = epilogue.key()
+    def gemm(self, epilogue: Epilogue, packed_a: bool = False) -> ir.Function:
+        """The SGEMM entry for an epilogue (one instance per distinct epilogue); with
+        ``packed_a``, A is pre-packed (``packed_weights``)."""
+        key = (epilogue.key(), bool(packed_a))
         if key not in self._gemms:
             name = f"gk_gemm{len(self._gemms)}"
-            GemmGenerator(self.gemm_config, epilogue, name, self.target.has_fma).emit(self.mod)
+            GemmGenerator(self.gemm_config, epilogue, name, self.target.has_fma,
+                          packed_a).emit(self.mod)
             self._gemms[key] = name
         return self.mod.globals[self._gemms[key]]
 

@@ -4,9 +4,10 @@ For image n and group g, Caffe's convolution is the matrix product
 
     Y[n, g] (Og x P) = W[g] (Og x K) @ cols (K x P),   K = Cg * KH * KW, P = OH * OW
 
-where ``cols`` is im2col of the group's input channels.  A node is two steps: one
-writes the columns of a chunk of images into a temporary region of the arena (its
-parts split (image, channel, pixel block) items), the next runs the packed,
+where ``cols`` is im2col of the group's input channels; W[g] is packed into the GEMM's
+panel layout at compile time (gemm.pack_a_panels), so no run packs the weights.  A node
+is two steps: one writes the columns of a chunk of images into a temporary region of
+the arena (its parts split (image, channel, pixel block) items), the next runs the packed,
 register-blocked SGEMM (gemm.py) on them, each product split among the parts by the
 GEMM itself (whole register tiles of rows or columns), with an epilogue that adds the
 bias and computes the fused tail (ReLU, a residual add, ...) on each register tile.  A
@@ -132,7 +133,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     K, P, HW = Cg * KH * KW, OH * OW, H * W
     direct = KH == KW == 1 and SH == SW == 1 and PH == PW == 0
     k.need_scratch(k.gemm_workspace_bytes())
-    w_src = k.param_src(params[0])
+    w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if epi.bias else None
     per_image = 4 * G * K * P
     chunk = N if direct else max(1, min(N, COLS_BUDGET // max(per_image, 1)))
@@ -149,7 +150,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         bp = k.ptr(b, a, b_src) if b_src else None
         chp = [k.ptr(b, a, c.src) for c in epi.chans]
         tp = {j: k.ptr(b, a, _arena(tensors[j])) for j in epi.tensors}
-        gemm = k.gemm(epi)
+        gemm = k.gemm(epi, packed_a=True)
         for i in range(imgs):          # the GEMM splits each product among the parts
             img = first + i
             for g in range(G):
@@ -164,7 +165,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                 extra += [fptr(b, tp[j], coff) for j in epi.tensors]
                 if epi.tensors:
                     extra.append(i64(P))
-                b.call(gemm, [i64(Og), i64(P), i64(K), fptr(b, wp, ch0 * K), i64(K), bmat,
+                b.call(gemm, [i64(Og), i64(P), i64(K), fptr(b, wp, g * w_group), i64(K), bmat,
                               i64(P), fptr(b, yp, coff), i64(P),
                               ir.Constant(I32, int(accumulate)), a["part"], a["nparts"],
                               a["scratch"], *extra])
@@ -185,7 +186,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
     K, P = Cg * KH * KW, OH * OW
     dim, inner = channel_structure(geo.out_shape())
     k.need_scratch(k.gemm_workspace_bytes())
-    w_src = k.param_src(params[0])
+    w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if len(params) > 1 else None
     epi = ProgramEpilogue([], "row", b_src is not None)
     chunk = max(1, min(N, COLS_BUDGET // max(4 * G * K * P, 1)))
@@ -196,13 +197,13 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
         ld = imgs * P
         _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
-        gemm = k.gemm(epi)
+        gemm = k.gemm(epi, packed_a=True)
         cp, tp = k.ptr(b, a, _arena(cols)), k.ptr(b, a, _arena(cmat))
         wp = k.ptr(b, a, w_src)
         bp = k.ptr(b, a, b_src) if b_src else None
         for g in range(G):
             extra = [fptr(b, bp, g * Og)] if bp is not None else []
-            b.call(gemm, [i64(Og), i64(ld), i64(K), fptr(b, wp, g * Og * K), i64(K),
+            b.call(gemm, [i64(Og), i64(ld), i64(K), fptr(b, wp, g * w_group), i64(K),
                           fptr(b, cp, g * K * ld), i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
                           ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])
         b.ret_void()
