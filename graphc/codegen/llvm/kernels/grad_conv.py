@@ -1,30 +1,32 @@
-"""The gradients of a Convolution, as packed GEMMs over image columns.
+"""A Convolution in a training pass (weights that change every iteration) and its
+gradients, as packed GEMMs over image columns, image by image.
 
-For a chunk of images (their columns fit COLS_BUDGET), group g, K = Cg*KH*KW, P = OH*OW:
+Every step's parts split the images; a part builds what one image needs in its own
+scratch (where it stays in cache) and runs single-part GEMMs on it (K = Cg*KH*KW,
+P = OH*OW, per group g):
 
-    dW^T (K x Og) += cols (K x imgs*P) @ dY^T (imgs*P x Og)
-        cols: im2col of the images side by side (conv.py's step); dY^T: each image's
-        (O x P) output gradient transposed.  The product's reduction runs over the
-        pixels of every image while its result is small (LeNet's conv1: 25 x 20), so it
-        is split along the reduction: SPLIT parts each sum their share of the pixels
-        into their own partial result, and one more step adds the partials and writes
-        dW (Og x K) transposed back.
-    dX: dcols (K x imgs*P) = W^T (K x Og) @ dY (Og x imgs*P), the GEMM's own split; then
-        col2im adds every column entry back to the input pixel it was read from (the
-        parts split (image, channel) planes, so no two parts write one pixel).
-    db[o] = sum of dY over images and pixels.
+    forward   y[n]_g (Og x P)  = W_g (Og x K) @ cols[n]_g (K x P) + b_g
+    dW^T      (K x Og)        += cols[n]_g (K x P) @ dy[n]_g^T (P x Og)
+    dx        dcols (K x P)    = W_g^T (K x Og) @ dy[n]_g (Og x P), then col2im
+    db[o]                      = sum of dy over images and pixels
+
+cols[n] is im2col of image n (conv.py's generators); dy[n]^T is transposed in scratch.
+The weight gradient's parts are exactly SPLIT, each summing its images into its own
+partial dW^T (zeroed by a step before); one more step adds the partials and writes dW
+(Og x K), transposed back.  col2im zeroes each plane of dx and adds every column entry
+back to the input pixel it came from.  (The inference kernel packs W at compile time, so
+training has its own forward.)
 """
 from __future__ import annotations
-
 
 from llvmlite import ir
 
 from ....ops.conv import Geometry
-from ..irutil import I32, fptr, get, i64, load, loop, memset0, part_range, step_function, \
-    store, var
-from .conv import COLS_BUDGET, _dims, _im2col_step
-from .grad_linear import arena, emit_gemm
-from .transpose import emit_gather_rows, emit_row_sums, emit_transpose
+from ..irutil import I32, fptr, get, i64, imin, load, loop, memset0, part_range, \
+    step_function, store, var
+from .conv import _dims, _make_im2col, _make_im2col_flat
+from .grad_linear import arena
+from .transpose import TILE, emit_row_sums, emit_transpose
 
 #: parts of a weight-gradient product (each with its own partial result)
 SPLIT = 8
@@ -37,69 +39,150 @@ def supported(geo: Geometry):
     return None
 
 
-def lower_grad(k, n, parts) -> None:
-    from ..lower import Step
-    attrs = parts.fwd_attrs
-    x_shape = parts.input_shapes[0]
+def _geo(attrs, x_shape):
     geo = Geometry(attrs, x_shape, transposed=False)
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    G = geo.group
+    Cg, Og = geo.channels // G, geo.num_output // G
+    return geo, Cg * KH * KW, OH * OW, Og
+
+
+def _direct(geo) -> bool:
+    """A 1x1 convolution with stride 1 and no padding: the image is its own columns."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    return KH == KW == SH == SW == 1 and PH == PW == 0
+
+
+def _im2col_image(k, b, src, dst, geo) -> None:
+    """The columns (C*KH*KW x P, row-major) of the image at ``src`` into ``dst``."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    C, P = geo.channels, OH * OW
+    if SH == SW == 1 and OW == W:
+        fn = k.helper("gk_im2col_flat", _make_im2col_flat)
+        with loop(b, 0, C, name="ch") as c:
+            b.call(fn, [fptr(b, src, b.mul(c, i64(H * W))),
+                        fptr(b, dst, b.mul(c, i64(KH * KW * P))), i64(H), i64(W), i64(OH),
+                        i64(KH), i64(KW), i64(PH), i64(PW), i64(DH), i64(DW), i64(0), i64(P),
+                        i64(P)])
+    else:
+        fn = k.helper(f"gk_im2col_sw{SW}", lambda mod, nm: _make_im2col(mod, nm, SW))
+        b.call(fn, [src, dst, i64(C), i64(H), i64(W), i64(KH), i64(KW), i64(SH), i64(SW),
+                    i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), i64(0), i64(P), i64(P)])
+
+
+def _transpose_inline(b, src, dst, rows: int, cols: int) -> None:
+    """dst (cols x rows) = src (rows x cols)^T, in TILE x TILE blocks."""
+    with loop(b, 0, rows, TILE, name="tr") as r0:
+        r1 = imin(b, b.add(r0, i64(TILE)), i64(rows))
+        with loop(b, 0, cols, TILE, name="tc") as c0:
+            c1 = imin(b, b.add(c0, i64(TILE)), i64(cols))
+            with loop(b, c0, c1, name="c") as c:
+                with loop(b, r0, r1, name="r") as r:
+                    store(b, load(b, src, b.add(b.mul(r, i64(cols)), c)), dst,
+                          b.add(b.mul(c, i64(rows)), r))
+
+
+def _gemm_call(b, gemm, M, N, K, A, lda, B, ldb, C, ldc, accumulate, scratch, extra=()):
+    b.call(gemm, [i64(M), i64(N), i64(K), A, i64(lda), B, i64(ldb), C, i64(ldc),
+                  ir.Constant(I32, int(accumulate)), i64(0), i64(1), scratch, *extra])
+
+
+def lower_forward(k, n) -> None:
+    """y = W (*) x + b, the weights read from the live params: parts split the images;
+    per image, im2col into the part's scratch and one GEMM per group into y."""
+    from .epilogue import ProgramEpilogue
+    x, y = n.inputs[0], n.outputs[0]
+    geo, K, P, Og = _geo(n.attrs, k.shape(x))
     N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
-    Cg, Og = C // G, O // G
-    K, P = Cg * KH * KW, OH * OW
-    dy = parts.grads[0]
-    dy_off = k.loc(dy)
-    need_dw = 0 in parts.param_grads
-    need_dx = 0 in parts.input_grads
+    HW = geo.spatial[0] * (geo.spatial[1] if geo.nsp == 2 else 1)
+    w = k.param_src(n.params[0])
+    bias = k.param_src(n.params[1]) if len(n.params) > 1 else None
+    direct = _direct(geo)
+    ws = k.gemm_workspace_bytes()
+    k.need_scratch(ws + (0 if direct else 4 * G * K * P))
+    gemm = k.gemm(ProgramEpilogue([], "row", bias is not None))
+    fn, b, a = step_function(k.mod, k.step_name(n.name))
+    xp, yp, wp = (k.ptr(b, a, s_) for s_ in (arena(k.loc(x)), arena(k.loc(y)), w))
+    bp = k.ptr(b, a, bias) if bias is not None else None
+    cols = fptr(b, a["scratch"], ws // 4)
+    lo, hi = part_range(b, N, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="img") as img:
+        src = fptr(b, xp, b.mul(img, i64(C * HW)))
+        if not direct:
+            _im2col_image(k, b, src, cols, geo)
+        bmat = src if direct else cols
+        for g in range(G):
+            extra = [fptr(b, bp, g * Og)] if bp is not None else []
+            _gemm_call(b, gemm, Og, P, K, fptr(b, wp, g * Og * K), K,
+                       fptr(b, bmat, g * K * P), P,
+                       fptr(b, yp, b.add(b.mul(img, i64(O * P)), i64(g * Og * P))), P, False,
+                       a["scratch"], extra)
+    b.ret_void()
+    k.steps.append(_step(fn.name, k.node_index, N))
+
+
+def _step(fn, node, images):
+    from ..lower import Step
+    return Step(fn, node, max(1, images), 4)
+
+
+def lower_grad(k, n, parts) -> None:
+    from ..lower import Step
+    geo, K, P, Og = _geo(parts.fwd_attrs, parts.input_shapes[0])
+    N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
+    HW = geo.spatial[0] * (geo.spatial[1] if geo.nsp == 2 else 1)
+    dy_off = k.loc(parts.grads[0])
+    direct = _direct(geo)
+    ws = k.gemm_workspace_bytes()
+    gemm = k.gemm(_plain())
     if 1 in parts.param_grads:
         emit_row_sums(k, n.name + "_db", arena(dy_off), arena(k.loc(parts.param_grads[1])),
                       N, O, P)
-    if not (need_dw or need_dx):
-        return
-    chunk = max(1, min(N, COLS_BUDGET // max(4 * G * K * P, 1)))
-    cols = k.temp(4 * chunk * G * K * P, "cols")
-    dyt = k.temp(4 * chunk * O * P, "dy")
-    w = k.param_src(n.params[0])
-    if need_dw:
-        x_off = k.loc(parts.inputs[0])
+    if 0 in parts.param_grads:
+        # part s of SPLIT: images [N*s/SPLIT, N*(s+1)/SPLIT) into partial s
         partial = k.temp(4 * SPLIT * G * K * Og, "partial")
         _zero_step(k, n.name + "_dw0", partial, SPLIT * G * K * Og)
-        for first in range(0, N, chunk):
-            imgs = min(chunk, N - first)
-            ld = imgs * P
-            _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
-            emit_transpose(k, n.name + "_dyt", arena(dy_off + 4 * first * O * P), arena(dyt),
-                           imgs, O, P)
-            # split-K: part s sums pixels [ld*s/SPLIT, ld*(s+1)/SPLIT) into partial s
-            fn, b, a = step_function(k.mod, k.step_name(n.name + "_dw"))
-            gemm = k.gemm(_plain())
-            k.need_scratch(k.gemm_workspace_bytes())
-            cp, tp, pp = (k.ptr(b, a, arena(o)) for o in (cols, dyt, partial))
-            k0 = b.sdiv(b.mul(a["part"], i64(ld)), a["nparts"])
-            k1 = b.sdiv(b.mul(b.add(a["part"], i64(1)), i64(ld)), a["nparts"])
-            mine = fptr(b, pp, b.mul(a["part"], i64(G * K * Og)))
+        cols_floats = 0 if direct else G * K * P
+        k.need_scratch(ws + 4 * (cols_floats + P * O))
+        fn, b, a = step_function(k.mod, k.step_name(n.name + "_dw"))
+        xp = k.ptr(b, a, arena(k.loc(parts.inputs[0])))
+        gp, pp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(partial))
+        cols = fptr(b, a["scratch"], ws // 4)
+        dyt = fptr(b, a["scratch"], ws // 4 + cols_floats)
+        mine = fptr(b, pp, b.mul(a["part"], i64(G * K * Og)))
+        lo, hi = part_range(b, N, a["part"], a["nparts"])
+        with loop(b, lo, hi, name="img") as img:
+            src = fptr(b, xp, b.mul(img, i64(C * HW)))
+            if not direct:
+                _im2col_image(k, b, src, cols, geo)
+            _transpose_inline(b, fptr(b, gp, b.mul(img, i64(O * P))), dyt, O, P)
+            bmat = src if direct else cols
             for g in range(G):
-                b.call(gemm, [i64(K), i64(Og), b.sub(k1, k0),
-                              fptr(b, cp, b.add(i64(g * K * ld), k0)), i64(ld),
-                              fptr(b, tp, b.add(b.mul(k0, i64(O)), i64(g * Og))), i64(O),
-                              fptr(b, mine, g * K * Og), i64(Og),
-                              ir.Constant(I32, 1), i64(0), i64(1), a["scratch"]])
-            b.ret_void()
-            # exactly SPLIT parts (each owns a partial result; one with no pixels adds 0)
-            k.steps.append(Step(fn.name, k.node_index, SPLIT, 1 << 20))
+                _gemm_call(b, gemm, K, Og, P, fptr(b, bmat, g * K * P), P, fptr(b, dyt, g * Og),
+                           O, fptr(b, mine, g * K * Og), Og, True, a["scratch"])
+        b.ret_void()
+        k.steps.append(Step(fn.name, k.node_index, SPLIT, 1 << 20))   # exactly SPLIT parts
         _reduce_partials(k, n.name + "_dwsum", partial, k.loc(parts.param_grads[0]), G, K, Og)
-    if need_dx:
-        dx_off = k.loc(parts.input_grads[0])
+    if 0 in parts.input_grads:
         wt = k.temp(4 * G * K * Og, "wt")
-        emit_transpose(k, n.name + "_wt", w, arena(wt), G, Og, K)
-        for first in range(0, N, chunk):
-            imgs = min(chunk, N - first)
-            ld = imgs * P
-            emit_gather_rows(k, n.name + "_dyr", arena(dy_off + 4 * first * O * P), arena(dyt),
-                             imgs, O, P)
+        emit_transpose(k, n.name + "_wt", k.param_src(n.params[0]), arena(wt), G, Og, K)
+        k.need_scratch(ws + 4 * G * K * P)
+        fn, b, a = step_function(k.mod, k.step_name(n.name + "_dx"))
+        gp, wtp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(wt))
+        dxp = k.ptr(b, a, arena(k.loc(parts.input_grads[0])))
+        dcols = fptr(b, a["scratch"], ws // 4)
+        lo, hi = part_range(b, N, a["part"], a["nparts"])
+        with loop(b, lo, hi, name="img") as img:
+            dst = fptr(b, dxp, b.mul(img, i64(C * HW)))
+            target = dst if direct else dcols
             for g in range(G):
-                emit_gemm(k, n.name + "_dcols", K, ld, Og, arena(wt + 4 * g * K * Og), Og,
-                          arena(dyt + 4 * g * Og * ld), ld, arena(cols + 4 * g * K * ld), ld)
-            _col2im_step(k, n, cols, dx_off, first, imgs, geo)
+                _gemm_call(b, gemm, K, P, Og, fptr(b, wtp, g * K * Og), Og,
+                           fptr(b, gp, b.add(b.mul(img, i64(O * P)), i64(g * Og * P))), P,
+                           fptr(b, target, g * K * P), P, False, a["scratch"])
+            if not direct:
+                _col2im_image(b, dcols, dst, geo)
+        b.ret_void()
+        k.steps.append(_step(fn.name, k.node_index, N))
 
 
 def _zero_step(k, name, off, count) -> None:
@@ -139,25 +222,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _col2im_step(k, n, cols, dx_off, first, imgs, geo) -> None:
-    """dX[first + i, c] for the images of a chunk: the side-by-side columns (rows
-    (c, kh, kw), image i's pixels at i*P) added back to the input positions they came
-    from.  Parts split the (image, channel) planes."""
+def _col2im_image(b, cols, dst, geo) -> None:
+    """dx of one image (C x H x W at ``dst``) from its column gradients (C*KH*KW x P at
+    ``cols``): each plane zeroed, then every entry added to the pixel it was read from."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     C, P = geo.channels, OH * OW
-    ld = imgs * P
-    fn, b, a = step_function(k.mod, k.step_name(n.name + "_col2im"))
-    cp = k.ptr(b, a, arena(cols))
-    xp = k.ptr(b, a, arena(dx_off))
-    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="pl") as pl:
-        i, c = b.udiv(pl, i64(C)), b.urem(pl, i64(C))
-        plane = fptr(b, xp, b.mul(b.add(pl, i64(first * C)), i64(H * W)))
+    with loop(b, 0, C, name="c") as c:
+        plane = fptr(b, dst, b.mul(c, i64(H * W)))
         memset0(b, plane, 4 * H * W)
         for kh in range(KH):
             for kw in range(KW):
-                row = fptr(b, cp, b.add(b.mul(b.add(b.mul(c, i64(KH * KW)), i64(kh * KW + kw)),
-                                              i64(ld)), b.mul(i, i64(P))))
+                row = fptr(b, cols, b.mul(b.add(b.mul(c, i64(KH * KW)), i64(kh * KW + kw)),
+                                          i64(P)))
                 iw0, ih0 = kw * DW - PW, kh * DH - PH
                 # output positions whose input position o*S + i0 is inside the image
                 ow_lo, ow_hi = max(0, _cdiv(-iw0, SW)), min(OW, (W - 1 - iw0) // SW + 1)
@@ -167,65 +243,7 @@ def _col2im_step(k, n, cols, dx_off, first, imgs, geo) -> None:
                 with loop(b, oh_lo, oh_hi, name="oh") as oh:
                     ih = b.add(b.mul(oh, i64(SH)), i64(ih0))
                     src = fptr(b, row, b.mul(oh, i64(OW)))
-                    dst = fptr(b, plane, b.mul(ih, i64(W)))
+                    out = fptr(b, plane, b.mul(ih, i64(W)))
                     with loop(b, ow_lo, ow_hi, name="ow") as ow:
                         iw = b.add(b.mul(ow, i64(SW)), i64(iw0))
-                        store(b, b.fadd(load(b, dst, iw), load(b, src, ow)), dst, iw)
-    b.ret_void()
-    k.add_step(fn.name, imgs * C * KH * KW * P)
-
-
-# ---------------------------------------------------------------------------------------
-# the forward pass in training (the inference kernel packs the weights at compile time)
-
-#: output pixels from which the forward GEMM runs image by image (smaller images: a chunk
-#: of images side by side as one product, then the rows moved into place)
-PER_IMAGE_P = 256
-
-
-def lower_forward(k, n) -> None:
-    """y = W (*) x + b for a plain Convolution whose weights are the live params: im2col
-    of a chunk of images side by side, then per group either one GEMM per image straight
-    into y (P >= PER_IMAGE_P) or one GEMM for the chunk into a temporary, scattered to y."""
-    x, y = n.inputs[0], n.outputs[0]
-    geo = Geometry(n.attrs, k.shape(x), transposed=False)
-    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
-    N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
-    Cg, Og = C // G, O // G
-    K, P = Cg * KH * KW, OH * OW
-    w = k.param_src(n.params[0])
-    bias = k.param_src(n.params[1]) if len(n.params) > 1 else None
-    x_off, y_off = k.loc(x), k.loc(y)
-    chunk = max(1, min(N, COLS_BUDGET // max(4 * G * K * P, 1)))
-    cols = k.temp(4 * chunk * G * K * P, "cols")
-    per_image = P >= PER_IMAGE_P
-    cmat = None if per_image else k.temp(4 * chunk * O * P, "cmat")
-    from .epilogue import ProgramEpilogue
-    epi = ProgramEpilogue([], "row", bias is not None)
-    for first in range(0, N, chunk):
-        imgs = min(chunk, N - first)
-        ld = imgs * P
-        _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
-        fn, b, a = step_function(k.mod, k.step_name(n.name))
-        gemm = k.gemm(epi)
-        k.need_scratch(k.gemm_workspace_bytes())
-        cp, wp = k.ptr(b, a, arena(cols)), k.ptr(b, a, w)
-        bp = k.ptr(b, a, bias) if bias is not None else None
-        out = k.ptr(b, a, arena(y_off if per_image else cmat))
-        for g in range(G):
-            extra = [fptr(b, bp, g * Og)] if bp is not None else []
-            for i in (range(imgs) if per_image else [None]):
-                if i is None:
-                    bmat, cmat_ptr, ldc, ncols = fptr(b, cp, g * K * ld), \
-                        fptr(b, out, g * Og * ld), ld, ld
-                else:
-                    bmat = fptr(b, cp, g * K * ld + i * P)
-                    cmat_ptr, ldc, ncols = fptr(b, out, ((first + i) * O + g * Og) * P), P, P
-                b.call(gemm, [i64(Og), i64(ncols), i64(K), fptr(b, wp, g * Og * K), i64(K),
-                              bmat, i64(ld), cmat_ptr, i64(ldc), ir.Constant(I32, 0),
-                              a["part"], a["nparts"], a["scratch"], *extra])
-        b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
-        if not per_image:
-            emit_gather_rows(k, n.name + "_out", arena(cmat), arena(y_off + 4 * first * O * P),
-                             imgs, O, P, scatter=True)
+                        store(b, b.fadd(load(b, out, iw), load(b, src, ow)), out, iw)
