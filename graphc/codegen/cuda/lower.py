@@ -149,8 +149,9 @@ class CudaContext:
         """The name of the instantiation of ``template`` for ``key`` (rendered once)."""
         full = repr((template, key))
         if full not in self.kernels:
-            digest = hashlib.blake2b(full.encode(), digest_size=4).hexdigest()
-            name = f"gc_{kind}_{len(self.kernels)}_{digest}"
+            # named by what it is: the same instantiation has the same name in every net
+            digest = hashlib.blake2b(full.encode(), digest_size=6).hexdigest()
+            name = f"gc_{kind}_{digest}"
             layer = self.node.name if self.node is not None else "?"
             src = self.env.get_template(f"cuda/{template}.cu.j2").render(kname=name, **ctx)
             self.kernels[full] = (name, f"// layer: {_comment(layer)}\n{src.strip()}\n")

@@ -97,7 +97,7 @@ def _in(r) -> str:
 
 def _step(s: PStep, chan) -> list[str]:
     a, op = s.attrs, s.op
-    out = [f"// {op} {s.name}".rstrip()]
+    out = [f"// {op}"]
     if op == "Eltwise":
         return out + _eltwise(s)
     x = _in(s.inputs[0]) if s.inputs else "v"
