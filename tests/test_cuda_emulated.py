@@ -495,17 +495,15 @@ PRECISIONS = list(TOL)
 
 
 def lower_for_emulation(g, precision: str) -> CudaProgram:
-    """The optimized graph's CudaProgram (the code generator + NVRTC), or a skip when
-    this build has no CUDA code generator."""
+    """The optimized graph's CudaProgram (source and launches; NVRTC's compile of the
+    same source is the code generator's tests' business), or a skip when this build has
+    no CUDA code generator."""
     try:
         from graphc.codegen.cuda.lower import lower_graph
     except ImportError as e:
         pytest.skip(f"the CUDA code generator is not in this build ({e})")
-    from graphc.codegen.cuda import nvrtc
-    if not nvrtc.nvrtc_available():
-        pytest.skip("NVRTC (cuda-bindings, nvidia-cuda-nvrtc) is not installed")
     from graphc.passes import run_pipeline
-    return lower_graph(run_pipeline(g), "sm_90", precision)
+    return lower_graph(run_pipeline(g), "sm_90", precision, compile=False)
 
 
 def check_emulated(net, feeds: dict, precision: str) -> dict:

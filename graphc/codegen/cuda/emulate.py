@@ -252,52 +252,76 @@ def compile_module(source: str, kernels, *, arch: str = "sm_90") -> EmulatedModu
             raise GraphcError(f"'{k}' is not a kernel name")
     m = re.fullmatch(r"sm_(\d+)a?", arch)
     cuda_arch = int(m.group(1)) * 10 if m else 900
-    text = (f"#define __CUDA_ARCH__ {cuda_arch}\n#include \"emulate.h\"\n#line 1 \"kernels.cu\"\n"
+    # emulate.h first (its precompiled form is used only when nothing precedes it)
+    text = (f"#include \"emulate.h\"\n#define __CUDA_ARCH__ {cuda_arch}\n#line 1 \"kernels.cu\"\n"
             + emulation_source(source) + _launchers(list(kernels)))
     cxx = _compiler()
-    header = HEADER.read_bytes()
-    h = hashlib.blake2b(digest_size=16)
-    for part in (text.encode(), header, _compiler_id(cxx).encode(), " ".join(_FLAGS).encode()):
-        h.update(part)
-        h.update(b"\0")
-    key = h.hexdigest()
     with _LOCK:
+        inc = _include_dir(cxx)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(text.encode())
+        h.update(inc.name.encode())
+        key = h.hexdigest()
         if key in _LOADED:
             return _LOADED[key]
-        root = _cache_root()
-        so = root / f"{key}.so"
+        so = inc.parent / f"{key}.so"
         if not so.exists():
-            _build(text, header, root, so, cxx)
+            _build(text, inc, so, cxx)
         mod = EmulatedModule(so, kernels, ctypes.CDLL(str(so)))
         _LOADED[key] = mod
         return mod
 
 
-def _build(text: str, header: bytes, root: Path, so: Path, cxx: str) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        t = Path(tmp)
-        inc = t / "include"
-        inc.mkdir()
-        (inc / "emulate.h").write_bytes(header)
+def _run_compiler(cmd: list[str], cxx: str) -> None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise GraphcError(f"the CUDA emulator could not run '{cxx}': {e}",
+                          hint="install g++ or set CXX to a C++20 compiler") from None
+    if r.returncode:
+        log = "\n".join((r.stderr or r.stdout).splitlines()[:40])
+        raise GraphcError(f"the CUDA emulator could not compile the kernels as C++:\n{log}",
+                          hint="the kernel uses CUDA that emulate.h does not provide, "
+                               "or is not valid CUDA C")
+
+
+def _include_dir(cxx: str) -> Path:
+    """The directory of emulate.h, the CUDA headers that stand for it, and its
+    precompiled form, for this header, compiler and flags (built once)."""
+    header = HEADER.read_bytes()
+    h = hashlib.blake2b(digest_size=16)
+    for part in (header, _compiler_id(cxx).encode(), " ".join(_FLAGS).encode()):
+        h.update(part)
+        h.update(b"\0")
+    inc = _cache_root() / f"include-{h.hexdigest()}"
+    if (inc / "emulate.h.gch").exists():
+        return inc
+    inc.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=inc.parent) as tmp:
+        t = Path(tmp) / "include"
+        t.mkdir()
+        (t / "emulate.h").write_bytes(header)
         for name in CUDA_HEADERS:
-            (inc / name).write_text('#include "emulate.h"\n')
+            (t / name).write_text('#include "emulate.h"\n')
+        _run_compiler([cxx, *_FLAGS, "-x", "c++-header", str(t / "emulate.h"), "-o",
+                       str(t / "emulate.h.gch")], cxx)
+        try:
+            os.rename(t, inc)
+        except OSError:            # built meanwhile by another process
+            if not (inc / "emulate.h.gch").exists():
+                raise
+    return inc
+
+
+def _build(text: str, inc: Path, so: Path, cxx: str) -> None:
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        t = Path(tmp)
         src, obj = t / "kernels.cpp", t / "kernels.o"
         src.write_text(text)
         # compiled and linked apart: the sanitizer checks call emulate.h's handlers, so
         # the library needs no sanitizer runtime
-        for cmd in ([cxx, *_FLAGS, "-I", str(inc), "-c", str(src), "-o", str(obj)],
-                    [cxx, "-shared", "-pthread", str(obj), "-o", str(t / "out.so")]):
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.SubprocessError) as e:
-                raise GraphcError(f"the CUDA emulator could not run '{cxx}': {e}",
-                                  hint="install g++ or set CXX to a C++20 compiler") from None
-            if r.returncode:
-                log = "\n".join((r.stderr or r.stdout).splitlines()[:40])
-                raise GraphcError(f"the CUDA emulator could not compile the kernels as C++:\n{log}",
-                                  hint="the kernel uses CUDA that emulate.h does not provide, "
-                                       "or is not valid CUDA C")
+        _run_compiler([cxx, *_FLAGS, "-I", str(inc), "-c", str(src), "-o", str(obj)], cxx)
+        _run_compiler([cxx, "-shared", "-pthread", str(obj), "-o", str(t / "out.so")], cxx)
         os.replace(t / "out.so", so)
 
 
