@@ -53,10 +53,12 @@ def _direct(geo) -> bool:
     return KH == KW == SH == SW == 1 and PH == PW == 0
 
 
-def _im2col_image(k, b, src, dst, geo) -> None:
-    """The columns (C*KH*KW x P, row-major) of the image at ``src`` into ``dst``."""
-    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
-    C, P = geo.channels, OH * OW
+def _im2col_image(k, b, src, dst, geo, C=None, dims=None) -> None:
+    """The columns (C*KH*KW x P, row-major) of the image at ``src`` into ``dst`` (the
+    geometry ``dims`` as conv._dims gives it, default that of ``geo``)."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = dims or _dims(geo)
+    C = geo.channels if C is None else C
+    P = OH * OW
     if SH == SW == 1 and OW == W:
         fn = k.helper("gk_im2col_flat", _make_im2col_flat)
         with loop(b, 0, C, name="ch") as c:
@@ -163,7 +165,9 @@ def lower_grad(k, n, parts) -> None:
         b.ret_void()
         k.steps.append(Step(fn.name, k.node_index, SPLIT, 1 << 20))   # exactly SPLIT parts
         _reduce_partials(k, n.name + "_dwsum", partial, k.loc(parts.param_grads[0]), G, K, Og)
-    if 0 in parts.input_grads:
+    if 0 in parts.input_grads and _flippable(geo):
+        _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, k.loc(parts.input_grads[0]))
+    elif 0 in parts.input_grads:
         wt = k.temp(4 * G * K * Og, "wt")
         emit_transpose(k, n.name + "_wt", k.param_src(n.params[0]), arena(wt), G, Og, K)
         k.need_scratch(ws + 4 * G * K * P)
@@ -183,6 +187,56 @@ def lower_grad(k, n, parts) -> None:
                 _col2im_image(b, dcols, dst, geo)
         b.ret_void()
         k.steps.append(_step(fn.name, k.node_index, N))
+
+
+def _flippable(geo) -> bool:
+    """Stride 1, no dilation: dx is the forward convolution of dy (padded by KH-1-PH,
+    KW-1-PW) with the weights flipped in space and input/output channels swapped."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    return SH == SW == DH == DW == 1 and PH < KH and PW < KW
+
+
+def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
+    """dx[n]_g (Cg x H*W) = W'_g (Cg x Og*KH*KW) @ im2col(dy[n]_g) (Og*KH*KW x H*W), where
+    W'_g[c, (o, kh, kw)] = W[g*Og + o, c, KH-1-kh, KW-1-kw] (a step builds W' each pass).
+    A well-shaped product (its depth Og*KH*KW), written straight into dx: no col2im."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
+    Cg, KK, HW = C // G, KH * KW, H * W
+    # W' (G x Cg x Og*KK) from W (G*Og x Cg x KK)
+    wf = k.temp(4 * G * Cg * Og * KK, "wflip")
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_wflip"))
+    wp, fp = k.ptr(b, a, k.param_src(n.params[0])), k.ptr(b, a, arena(wf))
+    lo, hi = part_range(b, G * Cg, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="gc") as gc:
+        g, c = b.udiv(gc, i64(Cg)), b.urem(gc, i64(Cg))
+        with loop(b, 0, Og, name="o") as o:
+            src = fptr(b, wp, b.mul(b.add(b.mul(b.add(b.mul(g, i64(Og)), o), i64(Cg)), c),
+                                    i64(KK)))
+            dst = fptr(b, fp, b.mul(b.add(b.mul(gc, i64(Og)), o), i64(KK)))
+            for t in range(KK):
+                store(b, load(b, src, KK - 1 - t), dst, t)
+    b.ret_void()
+    k.add_step(fn.name, G * Cg * Og * KK)
+    # per image: im2col of dy (O channels, OH x OW, padded) then one GEMM per group
+    dims = (OH, OW, KH, KW, 1, 1, KH - 1 - PH, KW - 1 - PW, 1, 1, H, W)
+    ws = k.gemm_workspace_bytes()
+    k.need_scratch(ws + 4 * O * KK * HW)
+    gemm = k.gemm(_plain())
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_dx"))
+    gp, fp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(wf))
+    dxp = k.ptr(b, a, arena(dx_off))
+    cols = fptr(b, a["scratch"], ws // 4)
+    lo, hi = part_range(b, N, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="img") as img:
+        _im2col_image(k, b, fptr(b, gp, b.mul(img, i64(O * P))), cols, geo, C=O, dims=dims)
+        for g in range(G):
+            _gemm_call(b, gemm, Cg, HW, Og * KK, fptr(b, fp, g * Cg * Og * KK), Og * KK,
+                       fptr(b, cols, g * Og * KK * HW), HW,
+                       fptr(b, dxp, b.add(b.mul(img, i64(C * HW)), i64(g * Cg * HW))), HW,
+                       False, a["scratch"])
+    b.ret_void()
+    k.steps.append(_step(fn.name, k.node_index, N))
 
 
 def _zero_step(k, name, off, count) -> None:
