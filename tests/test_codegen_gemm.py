@@ -150,12 +150,14 @@ def test_native_code_uses_vector_fma(native):
 
 
 @pytest.mark.parametrize("cpu", ["native", "avx2", "generic"])
-def test_packed_a(rng, cpu):
-    """A pre-packed into panels (as a compiled conv's weights): same results on every
-    target, with row splits (M across parts), K blocks, accumulation and tile edges."""
+@pytest.mark.parametrize("packed_a,packed_b", [(True, False), (True, True), (False, True)])
+def test_prepacked_operands(rng, cpu, packed_a, packed_b):
+    """A pre-packed into panels (as a compiled conv's weights), B pre-packed (as its
+    im2col columns): same results on every target, with row and column splits, K
+    blocks, accumulation and tile edges."""
     if cpu == "avx2" and not _host_has("avx2", "fma"):
         pytest.skip("the host has no AVX2 + FMA")
-    g = gemm.Gemm(cpu, packed_a=True, min_flops_per_thread=0)
+    g = gemm.Gemm(cpu, packed_a=packed_a, packed_b=packed_b, min_flops_per_thread=0)
     shapes = [(1, 1, 1), (17, 7, 13), (33, 65, 257), (300, 40, 50), (200, 33, 600),
               (64, 49, 576), (int(rng.integers(2, 90)), int(rng.integers(2, 90)),
                               int(rng.integers(2, 700)))]
@@ -163,6 +165,16 @@ def test_packed_a(rng, cpu):
         for threads in (1, 2, 3):
             check(g, rng, M, N, K, threads)
     check(g, rng, 200, 33, 600, 2, accumulate=True)
+
+
+def test_pack_b_panels_layout(rng):
+    cfg = gemm.GemmConfig(vw=4, mr=3, nv=2, kc=8, mc=6, nc=8, unroll=4)
+    b = rng.standard_normal((6, 11)).astype(np.float32)
+    p = gemm.pack_b_panels(b, cfg).reshape(2, 8, 8)     # [panel, k, column in panel]
+    for k in range(6):
+        for j in range(11):
+            assert p[j // 8, k, j % 8] == b[k, j]
+    assert (p[1, :, 3:] == 0).all() and (p[:, 6:, :] == 0).all()
 
 
 def test_pack_a_panels_layout(rng):

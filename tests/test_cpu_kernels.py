@@ -32,14 +32,14 @@ def inputs_layer(shapes: dict) -> str:
 
 
 def check(tmp_path, text: str, shapes: dict, rng, pipeline=None, tol=1e-4, positive=False,
-          threads=None):
+          threads=None, cpu=None):
     net = net_from_text(text, tmp_path, rng=rng)
     feeds = {}
     for k, s in shapes.items():
         x = rng.standard_normal(s).astype(np.float32)
         feeds[k] = np.abs(x) + 0.1 if positive else x
     want = net.forward(**feeds)
-    cn = compile_graph(net.graph, pipeline=pipeline, num_threads=threads)
+    cn = compile_graph(net.graph, pipeline=pipeline, num_threads=threads, cpu=cpu)
     try:
         for _ in range(2):   # a second run must give the same (the arena is poisoned again)
             got = cn.forward(**feeds)
@@ -103,6 +103,31 @@ def test_convolution_big_blocks(tmp_path, rng):
         'layer { name: "p" type: "Convolution" bottom: "x" top: "p" convolution_param { '
         'num_output: 29 kernel_size: 1 } }\n')
     check(tmp_path, text, shapes, rng)
+
+
+@pytest.mark.parametrize("cpu", ["generic", "avx2", "native"])
+def test_convolution_prepacked_panels(tmp_path, rng, cpu):
+    """The GEMM convolutions with weights pre-packed at compile time and im2col written
+    straight into B panels, on each target's tile (x86-64 baseline 6x8, AVX2 6x16,
+    native): random sizes so M, the pixels and K end mid-tile, mid-panel and mid-block;
+    a stride-2 "same" conv, a grouped one, a 1x1 (B packed at run time) and 2 threads."""
+    import llvmlite.binding as llvm
+    if cpu == "avx2" and not llvm.get_host_cpu_features().get("avx2", False):
+        pytest.skip("the host has no AVX2")
+    c, h, w = int(rng.integers(20, 40)), int(rng.integers(9, 20)), int(rng.integers(9, 20))
+    o = int(rng.integers(9, 30))
+    shapes = {"x": (1, 2 * c, h, w)}
+    text = inputs_layer(shapes) + (
+        f'layer {{ name: "a" type: "Convolution" bottom: "x" top: "a" convolution_param {{ '
+        f'num_output: {o} kernel_size: 3 pad: 1 }} }}\n'
+        f'layer {{ name: "r" type: "ReLU" bottom: "a" top: "a" }}\n'
+        f'layer {{ name: "b" type: "Convolution" bottom: "x" top: "b" convolution_param {{ '
+        f'num_output: {o} kernel_size: 3 pad: 1 stride: 2 }} }}\n'
+        f'layer {{ name: "g" type: "Convolution" bottom: "x" top: "g" convolution_param {{ '
+        f'num_output: {2 * o} kernel_size: 3 pad: 0 group: 2 }} }}\n'
+        f'layer {{ name: "p" type: "Convolution" bottom: "x" top: "p" convolution_param {{ '
+        f'num_output: {o} kernel_size: 1 }} }}\n')
+    check(tmp_path, text, shapes, rng, threads=2, cpu=cpu)
 
 
 @pytest.mark.parametrize("geom", ["kernel_size: 3 pad: 1", "kernel_size: 5 pad: 2",

@@ -28,6 +28,10 @@ Pre-packed A (``packed_a=True``): A is given already in the microkernel's panel 
 (:func:`pack_a_panels`, done once at compile time for a convolution's weights), so no
 run packs it again; the argument lda is then unused.
 
+Pre-packed B (``packed_b=True``): B is given in NR-wide panels of depth Kp
+(:func:`pack_b_panels`; a convolution's im2col step writes its columns straight into
+that layout), so no run packs it again; ldb is then unused.
+
 Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
 to ``part`` (whole MR-tiles of rows or NR-tiles of columns, whichever split gives the
 busiest part less work, packing included) with its own packing workspace of
@@ -149,6 +153,23 @@ def pack_a_panels(a: np.ndarray, config: GemmConfig) -> np.ndarray:
         blk = full[:, pc:pc + kb]              # kcp columns (the last block: kp - pc)
         out.append(blk.reshape(panels, mr, blk.shape[1]).transpose(0, 2, 1).reshape(-1))
     return np.ascontiguousarray(np.concatenate(out))
+
+
+def pack_b_panels(b: np.ndarray, config: GemmConfig) -> np.ndarray:
+    """B (K x N) in the layout a ``packed_b`` GEMM reads, flat float32: ceil(N / NR)
+    panels of Kp x NR (Kp = packed_depth(K)), ``panel_q[k, j] = B[k, q * NR + j]``, zeros
+    past K and N.  The GEMM reads it with aligned vector loads: place it at a 64-byte
+    aligned address."""
+    b = np.asarray(b, dtype=np.float32)
+    if b.ndim != 2:
+        raise GraphcError(f"pack_b_panels needs a 2-D matrix, got shape {b.shape}",
+                          hint="reshape the operand to (K, columns)")
+    k, n = b.shape
+    nr, kp = config.nr, packed_depth(k, config)
+    panels = -(-n // nr)
+    full = np.zeros((kp, panels * nr), np.float32)
+    full[:k, :n] = b
+    return np.ascontiguousarray(full.reshape(kp, panels, nr).transpose(1, 0, 2)).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,12 +328,14 @@ class GemmGenerator:
     PREFETCH_A = 1024
 
     def __init__(self, config: GemmConfig, epilogue: Epilogue | None = None,
-                 name: str = "sgemm", fma: bool = True, packed_a: bool = False):
+                 name: str = "sgemm", fma: bool = True, packed_a: bool = False,
+                 packed_b: bool = False):
         self.cfg = config
         self.epi = epilogue or Epilogue()
         self.name = name
         self.fma = fma
         self.packed_a = bool(packed_a)
+        self.packed_b = bool(packed_b)
         self.vt = ir.VectorType(F32, config.vw)
 
     # -- microkernel --------------------------------------------------------------------
@@ -537,7 +560,8 @@ class GemmGenerator:
         rows_m = b.mul(ceil_div(tm, nparts), i64(MR))  # busiest part's rows, split by rows
         cols_n = b.mul(ceil_div(tn, nparts), i64(NR))  # busiest part's columns, split by columns
         m_pad, n_pad = b.mul(tm, i64(MR)), b.mul(tn, i64(NR))
-        pa, pb = i64(0 if self.packed_a else self.PACK_A_COST), i64(self.PACK_B_COST)
+        pa = i64(0 if self.packed_a else self.PACK_A_COST)
+        pb = i64(0 if self.packed_b else self.PACK_B_COST)
         work_m = b.add(b.add(b.mul(i64(2), b.mul(rows_m, n_pad)), b.mul(pb, N)),
                        b.mul(pa, b.mul(rows_m, ceil_div(N, i64(NC)))))
         work_n = b.add(b.add(b.mul(i64(2), b.mul(cols_n, m_pad)), b.mul(pb, cols_n)),
@@ -559,6 +583,8 @@ class GemmGenerator:
         nc_blk = balanced(b.sub(n1, n0), NC, NR)
         mc_blk = balanced(b.sub(m1, m0), MC, MR)
         kc_blk = balanced(K, KC, c.unroll)
+        kp = b.mul(ceil_div(b.select(b.icmp_signed("<", K, i64(1)), i64(1), K), i64(c.unroll)),
+                   i64(c.unroll))                     # packed_depth(K)
         with loop(b, n0, n1, nc_blk, name="jc") as jc:
             nc = imin(b, nc_blk, b.sub(n1, jc))
             # do { ... } while (pc < K): one pass even when K == 0 (C = 0 or C, + epilogue)
@@ -574,8 +600,13 @@ class GemmGenerator:
             flags = b.or_(b.select(b.icmp_signed(">", pc, i64(0)), ir.Constant(I32, FLAG_LOAD_C),
                                    acc_flag),
                           b.select(last, ir.Constant(I32, FLAG_EPILOGUE), ir.Constant(I32, 0)))
-            b.call(pack_b, [kc, kcp, nc, _addr(b, F32, a["B"], b.add(b.mul(pc, a["ldb"]), jc)),
-                            a["ldb"], bp])
+            if self.packed_b:
+                # panel q (columns q*NR..) at q * Kp * NR, row k at k * NR in it
+                bblk = _addr(b, F32, a["B"], b.add(b.mul(jc, kp), b.mul(pc, i64(NR))))
+            else:
+                b.call(pack_b, [kc, kcp, nc,
+                                _addr(b, F32, a["B"], b.add(b.mul(pc, a["ldb"]), jc)),
+                                a["ldb"], bp])
             with loop(b, m0, m1, mc_blk, name="ic") as ic:
                 mc = imin(b, mc_blk, b.sub(m1, ic))
                 if self.packed_a:
@@ -595,8 +626,9 @@ class GemmGenerator:
                         cptr = _addr(b, F32, a["C"], b.add(b.mul(row, a["ldc"]), col))
                         a_panel = _addr(b, F32, ablk if self.packed_a else ap,
                                         b.mul(ir_, kcp))
-                        b.call(ukernel, [kcp, a_panel,
-                                         _addr(b, F32, bp, b.mul(jr, kcp)), cptr, a["ldc"],
+                        b_panel = _addr(b, F32, bblk, b.mul(jr, kp)) if self.packed_b \
+                            else _addr(b, F32, bp, b.mul(jr, kcp))
+                        b.call(ukernel, [kcp, a_panel, b_panel, cptr, a["ldc"],
                                          mr, nr, flags, row, col, *epi_args])
             b.store(pc_next, pc_var)
             after = b.append_basic_block("pc.end")
@@ -613,13 +645,14 @@ class GemmGenerator:
         mod = mod or ir.Module(name=self.name)
         uk = self.emit_ukernel(mod)
         pack_a = None if self.packed_a else self.emit_pack_a(mod)
-        self.emit_gemm(mod, uk, pack_a, self.emit_pack_b(mod))
+        pack_b = None if self.packed_b else self.emit_pack_b(mod)
+        self.emit_gemm(mod, uk, pack_a, pack_b)
         return mod
 
 
 def gemm_ir(config: GemmConfig, epilogue: Epilogue | None = None, name: str = "sgemm",
-            fma: bool = True, packed_a: bool = False) -> str:
-    return str(GemmGenerator(config, epilogue, name, fma, packed_a).emit())
+            fma: bool = True, packed_a: bool = False, packed_b: bool = False) -> str:
+    return str(GemmGenerator(config, epilogue, name, fma, packed_a, packed_b).emit())
 
 
 # ---------------------------------------------------------------------------------------
@@ -650,15 +683,16 @@ _compiled: dict = {}
 
 
 def compile_gemm(target: jit.Target, config: GemmConfig, epilogue: Epilogue,
-                 packed_a: bool = False) -> jit.JitModule:
-    """The JIT-compiled module for (target, config, epilogue, packed_a), compiled once
+                 packed_a: bool = False, packed_b: bool = False) -> jit.JitModule:
+    """The JIT-compiled module for (target, config, epilogue, packing), compiled once
     per process."""
-    key = (target.cpu_name, target.features, config, epilogue.key(), bool(packed_a))
+    key = (target.cpu_name, target.features, config, epilogue.key(), bool(packed_a),
+           bool(packed_b))
     with _compiled_lock:
         mod = _compiled.get(key)
         if mod is None:
             mod = jit.compile_ir(gemm_ir(config, epilogue, fma=target.has_fma,
-                                         packed_a=packed_a), target)
+                                         packed_a=packed_a, packed_b=packed_b), target)
             _compiled[key] = mod
         return mod
 
@@ -683,28 +717,40 @@ def _leading_dim(name: str, x) -> int:
     return cols
 
 
+def _aligned64(x: np.ndarray) -> np.ndarray:
+    """A copy of the 1-D float32 ``x`` starting at a 64-byte aligned address."""
+    raw = np.empty(x.size + 16, np.float32)
+    off = (-raw.ctypes.data % 64) // 4
+    out = raw[off:off + x.size]
+    out[:] = x
+    return out
+
+
 class Gemm:
     """SGEMM compiled once for a target; ``gemm(A, B, C=None, accumulate=False, ...)`` runs
     C = A @ B (+ C) on ``threads`` threads: a Python thread pool where each thread calls the
     compiled function for its part (the ctypes call releases the GIL).
 
     Epilogue arguments are passed by name (``BiasAct(bias="row")`` needs ``bias=``).
-    ``packed_a=True`` runs the pre-packed-A kernel: the call packs A with
-    :func:`pack_a_panels` first (a compiled net does that once, at compile time).
+    ``packed_a=True`` / ``packed_b=True`` run the pre-packed kernels: the call packs A
+    with :func:`pack_a_panels` / B with :func:`pack_b_panels` first (a compiled net packs
+    weights at compile time and writes im2col columns in the panel layout).
     A call uses at most one thread per ``min_flops_per_thread`` of work (handing a part to
     a pool thread costs tens of microseconds).
     """
 
     def __init__(self, cpu: str | jit.Target = "native", epilogue: Epilogue | None = None,
                  config: GemmConfig | None = None, threads: int | None = None,
-                 min_flops_per_thread: float = 24e6, packed_a: bool = False):
+                 min_flops_per_thread: float = 24e6, packed_a: bool = False,
+                 packed_b: bool = False):
         self.target = jit.target(cpu) if isinstance(cpu, str) else cpu
-        self.packed_a = bool(packed_a)
+        self.packed_a, self.packed_b = bool(packed_a), bool(packed_b)
         self.min_flops_per_thread = min_flops_per_thread
         self.config = config or default_config(self.target)
         self.epilogue = epilogue or Epilogue()
         self.threads = threads or num_threads()
-        self.module = compile_gemm(self.target, self.config, self.epilogue, self.packed_a)
+        self.module = compile_gemm(self.target, self.config, self.epilogue, self.packed_a,
+                                   self.packed_b)
         argtypes = [_c_i64, _c_i64, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_p, _c_i64, _c_i32,
                     _c_i64, _c_i64, _c_p] + [_c_p] * len(self.epilogue.args)
         #: the compiled entry point: fn(M, N, K, A, lda, B, ldb, C, ldc, accumulate, part,
@@ -768,6 +814,8 @@ class Gemm:
         nt = max(1, nt)
         if self.packed_a:
             A = pack_a_panels(A, self.config)   # (kept alive until the call returns)
+        if self.packed_b:   # the microkernel loads B panels with aligned vector loads
+            B = _aligned64(pack_b_panels(B, self.config))
         common = (M, N, K, A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc,
                   int(bool(accumulate)))
         with self._lock:  # the workspaces belong to one call at a time
