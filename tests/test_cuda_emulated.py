@@ -560,6 +560,16 @@ def layer_zoo(rng) -> tuple[str, dict]:
                            f"bias_term: {'true' if i != 3 else 'false'} }}"))
         if kind in ("general", "1x1"):
             text.append(_layer(f"conv{i}_relu", "ReLU", [f"conv{i}"], f"conv{i}"))
+    # a convolution of several tiles in each GEMM dimension, a leaky ReLU fused
+    x = inp("big_in", (2, r(20, 40), r(10, 16), r(10, 16)))
+    text.append(_layer("big", "Convolution", [x], "big",
+                       f"convolution_param {{ num_output: {r(40, 90)} kernel_size: 3 pad: 1 }}"))
+    text.append(_layer("big_relu", "ReLU", ["big"], "big", "relu_param { negative_slope: 0.1 }"))
+    # deconvolution
+    x = inp("dec_in", (r(1, 2), r(2, 8), r(3, 8), r(3, 8)))
+    text.append(_layer("dec", "Deconvolution", [x], "dec",
+                       f"convolution_param {{ num_output: {r(2, 10)} kernel_size: {r(2, 4)} "
+                       f"stride: {r(1, 2)} pad: {r(0, 1)} }}"))
     # pooling: MAX / AVE with padding and CEIL rounding, global
     for i, (pool, k, s, p) in enumerate([("MAX", 3, 2, 1), ("AVE", 3, 2, 1), ("MAX", 2, 2, 0)]):
         x = inp(f"pool{i}_in", (r(1, 2), r(1, 5), r(k, 12), r(k, 12)))
@@ -581,6 +591,9 @@ def layer_zoo(rng) -> tuple[str, dict]:
     x = inp("sm1_in", (r(1, 3), r(5, 300)))
     text.append(_layer("sm1", "Softmax", [x], "sm1"))
     # inner product (+ ReLU), a residual InnerProduct + Eltwise SUM + ReLU
+    x = inp("ipb_in", (r(1, 40), r(100, 700)))
+    text.append(_layer("ipb", "InnerProduct", [x], "ipb",
+                       f"inner_product_param {{ num_output: {r(30, 200)} }}"))
     x = inp("ip_in", (r(1, 9), r(3, 7), r(1, 4), r(1, 4)))
     text.append(_layer("ip", "InnerProduct", [x], "ip",
                        f"inner_product_param {{ num_output: {r(1, 40)} }}"))
