@@ -168,13 +168,14 @@ def bench_net(name: str, args, rng) -> dict:
             losses[k].append(loss)
             if r >= args.warmup:
                 times[k].append(dt)
+    prof = solver.net.compiled_train().profile(repeats=args.profile_repeats)
     lg, lt = np.array(losses["graphc"]), np.array(losses["pytorch"])
     diff = np.abs(lg - lt) / np.maximum(np.abs(lg), 1e-12)
     res = {"name": name, "data": DATA[name], "base_lr": base_lr, "wd": wd,
            "flops": None, "times": times, "loss_first": (lg[0], lt[0]),
            "loss_last": (lg[-1], lt[-1]), "max_rel_loss_diff": float(diff.max()),
            "max_rel_loss_diff5": float(diff[:5].max()), "diffs": diff,
-           "iters": len(lg), "busy": res_busy}
+           "iters": len(lg), "busy": res_busy, "profile": prof}
     for k, ts in times.items():
         med = float(np.median(ts))
         print(f"{name:16s} {k:8s} {med * 1e3:9.1f} ms/iter (p90 "
@@ -198,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each net, wait up to this long for other jobs to leave the "
                          "CPUs (for a shared machine)")
+    ap.add_argument("--profile-repeats", type=int, default=5,
+                    help="runs of each compiled step alone for the per-layer table")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out graphc's reference executor (the context row)")
     ap.add_argument("--shared", default=None, help="the shared/ folder (default ../shared)")
@@ -271,6 +274,28 @@ def write_report(args, rows, total, torch) -> None:
     lines += ["", "(float32 rounding differs between the two (summation orders), and SGD "
               "amplifies such differences over the iterations; a different update rule or "
               "gradient would show from the second iteration on.)"]
+    lines += ["", "## Where the compiled pass spends its time", "",
+              "Each step of the compiled pass run alone (best of "
+              f"{args.profile_repeats}, after a whole pass, 2 threads), summed per layer; "
+              "flops from the ops' cost model (a multiply-add counts 2). `@grad` rows are the "
+              "backward of that layer (all its gradients).", ""]
+    for r in rows:
+        prof = r["profile"]
+        total_t = sum(t for *_, t in prof)
+        total_f = sum(f for _, _, f, _ in prof)
+        lines += [f"**{r['name']}**: {total_f / 1e9:.2f} GFLOP per iteration; the steps "
+                  f"alone sum to {total_t * 1e3:.1f} ms ({total_f / total_t / 1e9:.0f} GFLOP/s "
+                  "overall).", "",
+                  "| layer | op | GFLOP | ms | share | GFLOP/s |", "|---|---|---:|---:|---:|---:|"]
+        for name, op, f, t in sorted(prof, key=lambda x: -x[3]):
+            if t < 0.02 * total_t:
+                continue
+            lines.append(f"| {name} | {op} | {f / 1e9:.3f} | {t * 1e3:.2f} | "
+                         f"{100 * t / total_t:.0f}% | {f / t / 1e9 if f else 0:.0f} |")
+        rest = [t for *_, t in prof if t < 0.02 * total_t]
+        lines.append(f"| ({len(rest)} others) | | | {sum(rest) * 1e3:.2f} | "
+                     f"{100 * sum(rest) / total_t:.0f}% | |")
+        lines.append("")
     busy = [r["name"] for r in rows if r["busy"]]
     if args.wait_idle > 0:
         lines += ["", f"--wait-idle {args.wait_idle:g}: " + (

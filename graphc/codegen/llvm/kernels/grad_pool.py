@@ -2,7 +2,7 @@
 
 * Forward with ``keep_argmax`` (set by the ``pool-argmax`` pass): the pooled values and,
   in the node's state buffer (planned by passes/memory.py), the index h*W + w of each
-  window's maximum as a float (pool.py's mask plane function: first maximum in
+  window's maximum as a float (``argmax_plane_function``: the first maximum in
   row-major order, as Caffe).
 * MAX gradient: each plane of dx zeroed, then every dy added at its window's argmax --
   the kept one, or (no ``keep_argmax``) one found again in x by the same plane function
@@ -13,12 +13,72 @@ The parts split the N*C planes, so no two parts write one element.
 """
 from __future__ import annotations
 
+from llvmlite import ir
 
-
-from ..irutil import F32, I64, fptr, i64, imax, imin, load, loop, memset0, part_range, \
-    step_function, store
+from ..irutil import F32, FLT_MAX, I64, PTR, fptr, i64, imax, imin, load, loop, memset0, \
+    new_function, part_range, step_function, store
 from .grad_linear import arena
-from .pool import call_plane, geometry, plane_function
+from .pool import _interior, geometry
+
+
+def argmax_plane_function(k, geo) -> ir.Function:
+    """``f(src, dst, mask)``: one plane MAX-pooled with the geometry ``geo`` built in, the
+    index h*W + w of each maximum (the first in row-major order: strictly greater wins)
+    written to mask as a float.  Row by row of the window, as pool.py's fast plane: the
+    output columns whose windows are inside the image run with no bounds checks (a loop
+    LLVM vectorizes), the border columns clip their windows."""
+    name = "gk_maxpool_argmax_" + "_".join(map(str, geo))
+    return k.helper(name, lambda mod, nm: _make_argmax_plane(mod, nm, geo))
+
+
+def _make_argmax_plane(mod, name, geo):
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW = geo
+    fn, b, a = new_function(mod, name, [("src", PTR), ("dst", PTR), ("mask", PTR)],
+                            internal=True)
+    for i in (0, 1, 2):
+        fn.args[i].add_attribute("noalias")
+    src, dst, mask = a["src"], a["dst"], a["mask"]
+    lo, hi = _interior(W, KW, SW, PW, OW)
+
+    def update(acc, arg, v, idx):
+        better = b.fcmp_ordered(">", v, acc)
+        return b.select(better, v, acc), b.select(better, b.sitofp(idx, F32), arg)
+
+    with loop(b, 0, OH, name="oh") as oh:
+        h0 = b.sub(b.mul(oh, i64(SH)), i64(PH))
+        hs, he = imax(b, h0, 0), imin(b, b.add(h0, i64(KH)), H)
+        drow = fptr(b, dst, b.mul(oh, i64(OW)))
+        mrow = fptr(b, mask, b.mul(oh, i64(OW)))
+        with loop(b, 0, OW, name="init") as ow:
+            store(b, ir.Constant(F32, -FLT_MAX), drow, ow)
+            store(b, ir.Constant(F32, -1.0), mrow, ow)
+        with loop(b, hs, he, name="h") as h:
+            srow = fptr(b, src, b.mul(h, i64(W)))
+            hw = b.mul(h, i64(W))
+            for a_, z_ in ((0, lo), (hi, OW)):          # border columns: clipped windows
+                with loop(b, a_, z_, name="bw") as ow:
+                    w0 = b.sub(b.mul(ow, i64(SW)), i64(PW))
+                    ws, we = imax(b, w0, 0), imin(b, b.add(w0, i64(KW)), W)
+                    acc, arg = load(b, drow, ow), load(b, mrow, ow)
+                    for kw in range(KW):
+                        w = b.add(w0, i64(kw))
+                        inside = b.and_(b.icmp_signed(">=", w, ws), b.icmp_signed("<", w, we))
+                        wc = imin(b, imax(b, w, 0), W - 1)
+                        n_acc, n_arg = update(acc, arg, load(b, srow, wc), b.add(hw, wc))
+                        acc = b.select(inside, n_acc, acc)
+                        arg = b.select(inside, n_arg, arg)
+                    store(b, acc, drow, ow)
+                    store(b, arg, mrow, ow)
+            with loop(b, lo, hi, name="iw") as ow:       # interior: no bounds checks
+                base = b.sub(b.mul(ow, i64(SW)), i64(PW))
+                acc, arg = load(b, drow, ow), load(b, mrow, ow)
+                for kw in range(KW):
+                    w = b.add(base, i64(kw))
+                    acc, arg = update(acc, arg, load(b, srow, w), b.add(hw, w))
+                store(b, acc, drow, ow)
+                store(b, arg, mrow, ow)
+    b.ret_void()
+    return fn
 
 
 def state_offset(k, node_name: str) -> int:
@@ -35,15 +95,14 @@ def lower_forward_argmax(k, n) -> None:
     geo = geometry(n.attrs, shape)
     H, W, OH, OW = geo[:4]
     planes = shape[0] * shape[1]
-    plane = plane_function(k, "MAX", True)
+    plane = argmax_plane_function(k, geo)
     mask = state_offset(k, n.name)
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp, yp, mp = (k.ptr(b, a, arena(o)) for o in (k.loc(x), k.loc(y), mask))
     lo, hi = part_range(b, planes, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as p:
         off = b.mul(p, i64(OH * OW))
-        call_plane(b, plane, fptr(b, xp, b.mul(p, i64(H * W))), fptr(b, yp, off),
-                   fptr(b, mp, off), geo)
+        b.call(plane, [fptr(b, xp, b.mul(p, i64(H * W))), fptr(b, yp, off), fptr(b, mp, off)])
     b.ret_void()
     k.add_step(fn.name, planes * OH * OW * geo[4] * geo[5])
 
@@ -66,7 +125,7 @@ def lower_grad(k, n, parts) -> None:
             mp = k.ptr(b, a, arena(state_offset(k, attrs_node(n))))
         else:
             xp = k.ptr(b, a, arena(k.loc(parts.inputs[0])))
-            plane_fn = plane_function(k, "MAX", True)
+            plane_fn = argmax_plane_function(k, geo)
     lo, hi = part_range(b, planes, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as p:
         g = fptr(b, dyp, b.mul(p, i64(OH * OW)))
@@ -77,8 +136,7 @@ def lower_grad(k, n, parts) -> None:
                 m = fptr(b, mp, b.mul(p, i64(OH * OW)))
             else:
                 m = fptr(b, a["scratch"], OH * OW)
-                call_plane(b, plane_fn, fptr(b, xp, b.mul(p, i64(H * W))), a["scratch"], m,
-                           geo)
+                b.call(plane_fn, [fptr(b, xp, b.mul(p, i64(H * W))), a["scratch"], m])
             with loop(b, 0, OH * OW, name="o") as o:
                 idx = b.fptosi(load(b, m, o), I64)
                 store(b, b.fadd(load(b, d, idx), load(b, g, o)), d, idx)
