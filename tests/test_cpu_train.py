@@ -43,8 +43,8 @@ def compare(tmp_path, rng, text: str, feeds: dict, tol: float = 2e-5, passes: in
     does) and compare the loss and every param gradient."""
     path = tmp_path / "net.prototxt"
     path.write_text(text)
-    ref = graphc.Net(str(path), phase="train")
-    cpu = graphc.Net(str(path), phase="train", backend="cpu")
+    ref = graphc.Net(str(path), phase="train", seed=7)       # one seed: the same Dropout
+    cpu = graphc.Net(str(path), phase="train", backend="cpu", seed=7)   # masks
     for name, p in ref.graph.params.items():
         p.data[...] = (rng.standard_normal(p.data.shape) * 0.3).astype(np.float32)
         cpu.graph.params[name].data[...] = p.data
@@ -92,7 +92,8 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
 
 
 def test_activations_transpose_ip_split(tmp_path, rng):
-    """Sigmoid, TanH, leaky ReLU gradients; InnerProduct with ``transpose`` and ``axis``;
+    """Sigmoid, TanH, leaky ReLU, Dropout (train: the masks drawn as the reference draws
+    them) gradients; InnerProduct with ``transpose`` and ``axis``;
     a blob read by two layers (Caffe's Split: the gradients add); two weighted losses,
     one with ignore_label and FULL normalization."""
     n = int(rng.integers(3, 9))
@@ -100,6 +101,7 @@ def test_activations_transpose_ip_split(tmp_path, rng):
 layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
   inner_product_param { num_output: 12 axis: 1 } }
 layer { name: "sig" type: "Sigmoid" bottom: "ip1" top: "sig" }
+layer { name: "drop" type: "Dropout" bottom: "sig" top: "sig" dropout_param { dropout_ratio: 0.3 } }
 layer { name: "ip2" type: "InnerProduct" bottom: "sig" top: "ip2"
   inner_product_param { num_output: 9 transpose: true } }
 layer { name: "tanh" type: "TanH" bottom: "ip2" top: "ip2" }
@@ -188,9 +190,11 @@ def test_solver_auto_falls_back(tmp_path):
     import io
     from graphc.frontend import caffe_pb2 as pb
     from google.protobuf import text_format
-    net_text = (_input(["data", "label"], [(2, 3, 4, 4), (2,)]) + """
-layer { name: "drop" type: "Dropout" bottom: "data" top: "drop" }
-layer { name: "ip" type: "InnerProduct" bottom: "drop" top: "ip"
+    net_text = (_input(["data", "label"], [(2, 3, 6, 6), (2,)]) + """
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 2 kernel_size: 3 } }
+layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" }
+layer { name: "ip" type: "InnerProduct" bottom: "norm" top: "ip"
   inner_product_param { num_output: 3 } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
 """)
@@ -200,7 +204,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
     log = io.StringIO()
     solver = graphc.get_solver(sp, log=log, backend="auto")
     assert solver.net.backend == "reference"
-    assert "drop" in log.getvalue() and "reference" in log.getvalue()
+    assert "norm" in log.getvalue() and "reference" in log.getvalue()
 
 
 def test_golden_sgd_compiled(shared_dir, monkeypatch):

@@ -16,10 +16,14 @@ reads, and the param gradients are views of the arena.  Data layers stay in Pyth
 graph inputs are views of the arena the caller fills.
 
 Nodes: forward nodes use the inference kernels (kernels/) where those read the params
-through ``param_src`` (Convolution, Pooling, the pointwise ops); InnerProduct, MAX
-pooling that keeps its argmax and SoftmaxWithLoss have training versions
-(kernels/grad_linear.py, grad_pool.py, loss.py).  Grad nodes dispatch on the forward op:
-grad_conv, grad_linear, grad_pool, loss, grad_pointwise; Sum and Fill are elementwise.
+through ``param_src`` (Pooling, ReLU and the other pointwise ops); Convolution and
+InnerProduct (whose inference kernels pack or transpose the weights at compile time),
+MAX pooling that keeps its argmax, Dropout in training and SoftmaxWithLoss have training
+versions (kernels/grad_conv.py, grad_linear.py, grad_pool.py, grad_pointwise.py,
+loss.py).  Grad nodes dispatch on the forward op: grad_conv, grad_linear, grad_pool,
+loss, grad_pointwise; Sum and Fill are elementwise.  Data layers and Dropout's random
+masks run in Python before each pass (the masks drawn from the net's generator as the
+reference op draws them).
 A node without a kernel is a GraphcError naming the layer, with the hint to train with
 ``--backend reference``.
 """
@@ -161,6 +165,8 @@ def _why_not(g: Graph, n: Node):
                                                 "use one bottom")
     if n.op == "SoftmaxWithLoss":
         return loss.supported(n.attrs, g.types[n.inputs[0]].shape)
+    if n.op == "Dropout":
+        return None
     if n.op == "Pooling" and n.attrs.get("keep_argmax"):
         return grad_pool.supported(n.attrs, g.types[n.inputs[0]].shape)
     return supported(g, n)
@@ -208,6 +214,12 @@ def _lower_node(k: KernelContext, tg: Graph, n: Node) -> None:
         loss.lower_forward(k, n)
     elif n.op == "Pooling" and n.attrs.get("keep_argmax"):
         grad_pool.lower_forward_argmax(k, n)
+    elif n.op == "Dropout":
+        mask = None
+        if n.attrs.get("train"):
+            mask = grad_pool.state_offset(k, n.name)
+            k.masks.append((n, mask))
+        grad_pointwise.lower_dropout(k, n, mask)
     else:
         lower_node(k, n)
 
@@ -226,6 +238,7 @@ class TrainProgram:
     backward_step: int          # index of the first step of the backward graph
     param_offsets: dict
     host_nodes: list            # nodes run in Python before the pass (data layers)
+    masks: list                 # (Dropout node, arena offset of its mask) in node order
 
 
 def lower_train(tg: Graph, params: ParamBuffer, target: jit.Target | str = "native"
@@ -238,6 +251,7 @@ def lower_train(tg: Graph, params: ParamBuffer, target: jit.Target | str = "nati
     check_supported(tg)
     plan = plan_memory(tg, pinned=tg.param_grads.values())
     k = KernelContext(tg, plan, target)
+    k.masks = []
     # the params first, in the buffer's layout: param_src(name) is then its offset there
     for name, p in tg.params.items():
         off = k.weights.add(("param", name), np.zeros(p.type.shape, np.float32))
@@ -269,7 +283,7 @@ def lower_train(tg: Graph, params: ParamBuffer, target: jit.Target | str = "nati
     prog = Program(tg.name, str(k.mod), k.steps, nodes, inputs, outputs,
                    _align(k.temp_base + k.temp_bytes), k.scratch_bytes, k.weights, plan)
     return TrainProgram(prog, len(k.steps) if backward is None else backward,
-                        dict(params.offsets), host)
+                        dict(params.offsets), host, k.masks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -422,10 +436,12 @@ class CompiledTrainNet:
         return [(n.name, n.op, n.flops, t) for n, t in zip(prog.nodes, times)]
 
     def _run_host_nodes(self, ctx) -> None:
+        """The data layers, then the Dropout masks: drawn from ``ctx.rng`` in node order,
+        as the reference ops draw them."""
         from ...errors import OpError
         from ...ops import get_op
         from ...ops.base import Context
-        if not self.train.host_nodes:
+        if not self.train.host_nodes and not self.train.masks:
             return
         if ctx is None:
             ctx = self._ctx = getattr(self, "_ctx", None) or Context(phase="train")
@@ -441,6 +457,11 @@ class CompiledTrainNet:
                 ctx.node = None
             for v, a in zip(n.outputs, outs):
                 self._view(v)[...] = a
+        for n, off in self.train.masks:
+            shape = self.graph.types[n.inputs[0]].shape
+            keep = ctx.rng.random(shape) < 1.0 - n.attrs["dropout_ratio"]
+            nbytes = 4 * math.prod(shape)
+            self.arena[off:off + nbytes].view(np.float32).reshape(shape)[...] = keep
 
     def close(self) -> None:
         self.runner.close()
