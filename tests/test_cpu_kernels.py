@@ -107,10 +107,10 @@ def test_convolution_big_blocks(tmp_path, rng):
 
 @pytest.mark.parametrize("cpu", ["generic", "avx2", "native"])
 def test_convolution_prepacked_panels(tmp_path, rng, cpu):
-    """The GEMM convolutions with weights pre-packed at compile time and im2col written
-    straight into B panels, on each target's tile (x86-64 baseline 6x8, AVX2 6x16,
-    native): random sizes so M, the pixels and K end mid-tile, mid-panel and mid-block;
-    a stride-2 "same" conv, a grouped one, a 1x1 (B packed at run time) and 2 threads."""
+    """The GEMM convolutions with weights pre-packed at compile time, on each target's
+    tile (x86-64 baseline 6x8, AVX2 6x16, native): random sizes so M, the pixels and K
+    end mid-tile, mid-panel and mid-block; a stride-2 "same" conv, a grouped one (a
+    packed panel array per group), a 1x1 and 2 threads."""
     import llvmlite.binding as llvm
     if cpu == "avx2" and not llvm.get_host_cpu_features().get("avx2", False):
         pytest.skip("the host has no AVX2")

@@ -29,8 +29,10 @@ Pre-packed A (``packed_a=True``): A is given already in the microkernel's panel 
 run packs it again; the argument lda is then unused.
 
 Pre-packed B (``packed_b=True``): B is given in NR-wide panels of depth Kp
-(:func:`pack_b_panels`; a convolution's im2col step writes its columns straight into
-that layout), so no run packs it again; ldb is then unused.
+(:func:`pack_b_panels`), so no run packs it; ldb is then unused.  (Measured on Zen5,
+an im2col writing those panels directly, one NR-pixel panel per item, was slower than
+im2col + packing: its per-row set-up is paid 64 times as often; the convolutions keep
+packing B.)
 
 Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
 to ``part`` (whole MR-tiles of rows or NR-tiles of columns, whichever split gives the
@@ -734,7 +736,7 @@ class Gemm:
     Epilogue arguments are passed by name (``BiasAct(bias="row")`` needs ``bias=``).
     ``packed_a=True`` / ``packed_b=True`` run the pre-packed kernels: the call packs A
     with :func:`pack_a_panels` / B with :func:`pack_b_panels` first (a compiled net packs
-    weights at compile time and writes im2col columns in the panel layout).
+    its convolution weights once, at compile time).
     A call uses at most one thread per ``min_flops_per_thread`` of work (handing a part to
     a pool thread costs tens of microseconds).
     """

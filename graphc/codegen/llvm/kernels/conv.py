@@ -7,8 +7,7 @@ For image n and group g, Caffe's convolution is the matrix product
 where ``cols`` is im2col of the group's input channels; W[g] is packed into the GEMM's
 panel layout at compile time (gemm.pack_a_panels), so no run packs the weights.  A node
 is two steps: one writes the columns of a chunk of images into a temporary region of
-the arena, straight in the GEMM's B panel layout (its parts split (image, group, panel)
-items), the next runs the packed,
+the arena (its parts split (image, channel, pixel block) items), the next runs the packed,
 register-blocked SGEMM (gemm.py) on them, each product split among the parts by the
 GEMM itself (whole register tiles of rows or columns), with an epilogue that adds the
 bias and computes the fused tail (ReLU, a residual add, ...) on each register tile.  A
@@ -34,7 +33,6 @@ import math
 from llvmlite import ir
 
 from ....ops.conv import Geometry
-from ..gemm import packed_depth
 from ..irutil import F32, I32, I64, PTR, floor_div, fptr, get, i64, imax, imin, load, loop, \
     new_function, part_range, step_function, store, var
 from . import linear
@@ -137,17 +135,13 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     k.need_scratch(k.gemm_workspace_bytes())
     w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if epi.bias else None
-    # the columns of one (image, group): B panels of the GEMM (NR wide, Kp deep)
-    cfg = k.gemm_config
-    panel_floats = packed_depth(K, cfg) * cfg.nr
-    group_floats = -(-P // cfg.nr) * panel_floats
-    per_image = 4 * G * group_floats
+    per_image = 4 * G * K * P
     chunk = N if direct else max(1, min(N, COLS_BUDGET // max(per_image, 1)))
     cols = None if direct else k.temp(chunk * per_image, "im2col")
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
         if not direct:
-            _im2col_panels_step(k, n, x_off, cols, first, imgs, geo)
+            _im2col_step(k, n, x_off, cols, first, imgs, geo)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
         xp = k.ptr(b, a, _arena(x_off))
         cp = k.ptr(b, a, _arena(cols)) if cols is not None else None
@@ -156,7 +150,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         bp = k.ptr(b, a, b_src) if b_src else None
         chp = [k.ptr(b, a, c.src) for c in epi.chans]
         tp = {j: k.ptr(b, a, _arena(tensors[j])) for j in epi.tensors}
-        gemm = k.gemm(epi, packed_a=True, packed_b=not direct)
+        gemm = k.gemm(epi, packed_a=True)
         for i in range(imgs):          # the GEMM splits each product among the parts
             img = first + i
             for g in range(G):
@@ -164,7 +158,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                 if direct:
                     bmat = fptr(b, xp, (img * C + g * Cg) * HW)
                 else:
-                    bmat = fptr(b, cp, (i * G + g) * group_floats)
+                    bmat = fptr(b, cp, (i * G + g) * K * P)
                 coff = (img * O + ch0) * P
                 extra = [fptr(b, bp, ch0)] if bp is not None else []
                 extra += [p if c.dim == 1 else fptr(b, p, ch0) for c, p in zip(epi.chans, chp)]
@@ -229,57 +223,6 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
                 store(b, emit_program(site, steps, load(b, src, p)), yp, j)
         b.ret_void()
         k.add_step(fn.name, imgs * O * P)
-
-
-def _im2col_panels_step(k, n, x_off, cols, first, imgs, geo):
-    """A step writing the columns of images first..first+imgs straight into the GEMM's
-    B panel layout (gemm.pack_b_panels): for each (image, group), ceil(P / NR) panels of
-    Kp x NR floats, ``panel_q[kk, j]`` = column kk of output pixel q * NR + j, rows K..Kp
-    and the pixels past P zero.  Its items are (image, group, panel); each panel is the
-    im2col of NR pixels with row stride NR, so the GEMM packs nothing at run time."""
-    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
-    C, G = geo.channels, geo.group
-    Cg, P = C // G, OH * OW
-    K, cfg = Cg * KH * KW, k.gemm_config
-    NR, Kp = cfg.nr, packed_depth(K, cfg)
-    npanel = -(-P // NR)
-    flat = SH == SW == 1 and OW == W
-    if flat:
-        im2col = k.helper("gk_im2col_flat", _make_im2col_flat)
-    else:
-        im2col = k.helper(f"gk_im2col_sw{SW}", lambda mod, nm: _make_im2col(mod, nm, SW))
-    fn, b, a = step_function(k.mod, k.step_name(n.name + "_im2col"))
-    xp = k.ptr(b, a, _arena(x_off))
-    cp = k.ptr(b, a, _arena(cols))
-    zero = ir.Constant(F32, 0.0)
-    lo, hi = part_range(b, imgs * G * npanel, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="t") as t:
-        q = b.urem(t, i64(npanel))
-        ig = b.udiv(t, i64(npanel))                  # (image in chunk, group)
-        p0 = b.mul(q, i64(NR))
-        plen = imin(b, i64(NR), b.sub(i64(P), p0))
-        dst = fptr(b, cp, b.mul(t, i64(Kp * NR)))    # panels are in (image, group, q) order
-        # the group's first input channel: image first + ig // G, channel (ig % G) * Cg
-        src = fptr(b, xp, b.mul(b.add(ig, i64(first * G)), i64(Cg * H * W)))
-        if flat:
-            with loop(b, 0, Cg, name="c") as c:
-                b.call(im2col, [fptr(b, src, b.mul(c, i64(H * W))),
-                                fptr(b, dst, b.mul(c, i64(KH * KW * NR))), i64(H), i64(W),
-                                i64(OH), i64(KH), i64(KW), i64(PH), i64(PW), i64(DH),
-                                i64(DW), p0, plen, i64(NR)])
-        else:
-            b.call(im2col, [src, dst, i64(Cg), i64(H), i64(W), i64(KH), i64(KW), i64(SH),
-                            i64(SW), i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), p0, plen,
-                            i64(NR)])
-        with b.if_then(b.icmp_signed("<", plen, i64(NR))):    # the last panel's pad pixels
-            with loop(b, 0, K, name="zr") as r:
-                with loop(b, plen, NR, name="zc") as j:
-                    store(b, zero, dst, b.add(b.mul(r, i64(NR)), j))
-        if Kp > K:                                            # rows K..Kp
-            with loop(b, K * NR, Kp * NR, name="zk") as j:
-                store(b, zero, dst, j)
-    b.ret_void()
-    k.add_step(fn.name, imgs * C * KH * KW * P // 4)
 
 
 def _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side: bool = False):
