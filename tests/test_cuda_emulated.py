@@ -475,6 +475,10 @@ def test_run_program_writes_to_weights_and_bad_arguments(rng):
     with pytest.raises(GraphcError, match="argument 1 is f32 .a float.; the kernel's parameter 1 "
                                           "is a pointer"):
         run_program(prog, {"data": x})
+    prog, x, _ = _hand(rng, "relu_half", second_args=[Arg("arena", 0), Arg("arena", 6),
+                                                      Arg("i32", 3)])
+    with pytest.raises(GraphcError, match="argument 1: arena offset 6 is not a multiple of 4"):
+        run_program(prog, {"data": x})
 
 
 def test_run_program_good(rng):

@@ -717,6 +717,18 @@ constexpr char kind_of() {
     else return '?';
 }
 
+template <class T>
+constexpr char log2_align_of() {
+    if constexpr (std::is_pointer_v<T> && !std::is_void_v<std::remove_pointer_t<T>>) {
+        constexpr size_t a = alignof(std::remove_pointer_t<T>);
+        int l = 0;
+        while ((size_t(1) << l) < a) l++;
+        return "0123456789abcdef"[l];
+    } else {
+        return '0';
+    }
+}
+
 template <class... P>
 struct Kernel {
     void (*fn)(P...);
@@ -725,8 +737,10 @@ struct Kernel {
         Kernel *k = static_cast<Kernel *>(self);
         std::apply(k->fn, k->args);
     }
+    // one letter per parameter (kind_of), ':', then per parameter log2 of the alignment a
+    // pointer's target needs (hex; 0 for scalars)
     static const char *signature() {
-        static const char sig[] = {kind_of<P>()..., '\0'};
+        static const char sig[] = {kind_of<P>()..., ':', log2_align_of<P>()..., '\0'};
         return sig;
     }
 };
