@@ -174,9 +174,14 @@ class EmulatedKernels:
         self.module = emulate.compile_module(source, sorted(set(kernels)))
         self.errors = []
 
+        def kinds(name) -> str:
+            """One letter per parameter (the emulator gives (kind, alignment) pairs)."""
+            sig = self.module.signature(name)
+            return sig if isinstance(sig, str) else "".join(k for k, _ in sig)
+
         def signature(name, buf, cap):
             try:
-                sig = self.module.signature(name.decode()).encode()
+                sig = kinds(name.decode()).encode()
             except Exception as e:   # noqa: BLE001 -- reported by the test
                 self.errors.append(e)
                 return 1
@@ -188,7 +193,7 @@ class EmulatedKernels:
 
         def launch(name, gb, smem, params, nparams):
             try:
-                sig = self.module.signature(name.decode())
+                sig = kinds(name.decode())
                 raw = ctypes.string_at(params, sum(_PARAM[c][1] for c in sig)) if sig else b""
                 args, at = [], 0
                 for c in sig:
