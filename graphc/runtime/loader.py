@@ -309,6 +309,8 @@ class CompiledNet:
         self.close()
 
     def __repr__(self) -> str:
+        if getattr(self, "inputs", None) is None:
+            return f"CompiledNet({str(self.path)!r}, not created)"
         where = (f"device={self.device!r}, arch={self.arch}, precision={self.precision}"
                  if self.target == "cuda" else f"threads={self.num_threads}")
         return (f"CompiledNet({str(self.path)!r}, inputs={self.inputs}, outputs={self.outputs}, "
