@@ -2,8 +2,8 @@
 executor: the loss and every param gradient (relative L2) of small nets covering each
 gradient kernel, then LeNet and CIFAR-10 quick whole, on fresh random inputs and params,
 with the arena and scratch poisoned (NaN) before every pass so an element a kernel
-fails to write shows.  Plus the errors for layers without kernels, and Caffe's solver
-curve (the digits LeNet) trained compiled.
+fails to write shows.  Plus the errors for layers without kernels.  (Caffe's solver
+curve trained compiled: tests/test_train_golden.py.)
 """
 from __future__ import annotations
 
@@ -205,31 +205,3 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
     solver = graphc.get_solver(sp, log=log, backend="auto")
     assert solver.net.backend == "reference"
     assert "norm" in log.getvalue() and "reference" in log.getvalue()
-
-
-def test_golden_sgd_compiled(shared_dir, monkeypatch):
-    """Caffe's SGD loss curve on the digits LeNet (tests/test_train_golden.py), trained
-    with the compiled pass: the first 50 iterations within 1e-4 relative."""
-    d = shared_dir / "golden" / "train_digits"
-    if not (d / "losses_sgd.npy").exists():
-        pytest.skip(f"the golden training data is absent at {d}")
-    from graphc.frontend.prototxt import read_solver
-    monkeypatch.chdir(d)
-    ref = np.load(d / "losses_sgd.npy").astype(np.float64)[:50]
-    sp = read_solver("solver_sgd.prototxt")
-    sp.snapshot_after_train = False
-    sp.test_interval, sp.test_initialization = 0, False
-    del sp.test_iter[:]
-    sp.ClearField("test_net_param")
-    solver = graphc.get_solver(sp, filename="solver_sgd.prototxt", backend="cpu",
-                               test_nets=[])
-    solver.net.copy_from("init.caffemodel")
-    assert solver.net.backend == "cpu"
-    losses = []
-    solver.add_callback(on_gradients_ready=lambda: losses.append(float(solver.loss)))
-    solver.step(50)
-    rel = np.abs(np.array(losses) - ref) / np.abs(ref)
-    assert rel.max() < 1e-4, (int(rel.argmax()), rel.max())
-
-
-

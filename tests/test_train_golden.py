@@ -1,7 +1,7 @@
 """Parity with real Caffe training (../shared/golden/train_digits, README section 3): the
 digits LeNet trained from Caffe's initial weights with each of the six solvers.
 
-Per solver: the losses of the first 50 iterations within 1e-4 relative of Caffe's; the
+Per solver (SGD also with the training pass compiled by the CPU backend): the losses of the first 50 iterations within 1e-4 relative of Caffe's; the
 mean loss of the last 50 of 200 iterations within 10%; the test outputs at iteration 0
 and the final test accuracy (within 0.02); and the solver state's layout (history count
 and shapes) equal to the one Caffe wrote.  (Beyond ~100 iterations float rounding
@@ -29,14 +29,16 @@ def digits(shared_dir):
     return d
 
 
-@pytest.mark.parametrize("kind", SOLVERS)
-def test_solver_matches_caffe(digits, monkeypatch, kind):
+@pytest.mark.parametrize("kind,backend", [(k, "reference") for k in SOLVERS]
+                         + [("sgd", "cpu")])     # the training pass compiled for the CPU
+def test_solver_matches_caffe(digits, monkeypatch, kind, backend):
     monkeypatch.chdir(digits)      # Caffe ran there; the net's data paths are relative
     expected = json.loads((digits / "results.json").read_text())[kind]
     ref = np.load(digits / f"losses_{kind}.npy").astype(np.float64)
     sp = read_solver(f"solver_{kind}.prototxt")
     sp.snapshot_after_train = False          # the golden directory is read-only
-    solver = graphc.get_solver(sp, filename=f"solver_{kind}.prototxt")
+    solver = graphc.get_solver(sp, filename=f"solver_{kind}.prototxt", backend=backend)
+    assert solver.net.backend == backend
     solver.net.copy_from("init.caffemodel")  # as the pycaffe run did
     assert type(solver).__name__.lower() == f"{kind}solver"
     losses, tests = [], {}
