@@ -472,9 +472,17 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
             pa = fptr(b, dst_ptr, o)
             b.store(b.fadd(b.load(pa, typ=F32), b.fmul(wv, xv)), pa)
 
+    def fill(lo, hi, init):
+        if lo < hi:
+            with loop(b, lo, hi, name="fill") as i:
+                store(b, init, acc, i)
+
     def shifted_taps(src, wc, init):
-        """Flat and phased: each tap one shifted run, then the edge columns exactly."""
+        """Flat and phased: each tap is one shifted run of the output; where every tap's
+        run is inside its plane (the interior rows) all taps are summed in one pass (the
+        same order of additions), elsewhere tap by tap; then the edge columns exactly."""
         s_ = SH
+        runs = []
         for kh, kw, dh, dw in taps:
             if phased:
                 rp, cp = dh % 2, dw % 2
@@ -488,8 +496,23 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
             i_lo = max(max(0, -roff) * OW, -shift)
             i_hi = min(min(OH, rows - roff) * OW, size - shift)
             if i_lo < i_hi:     # (width == OW: output index + shift = input index)
-                add_tap(load(b, wc, kh * KW + kw), fptr(b, plane_ptr, shift), acc, i64(i_lo),
-                        i64(i_hi), 1)
+                runs.append((load(b, wc, kh * KW + kw), fptr(b, plane_ptr, shift), i_lo, i_hi))
+        in_lo = max([r[2] for r in runs], default=0)
+        in_hi = min([r[3] for r in runs], default=0)
+        if in_lo >= in_hi:
+            in_lo = in_hi = 0
+        fill(0, in_lo, init)
+        fill(in_hi, P, init)
+        if in_lo < in_hi:
+            with loop(b, in_lo, in_hi, name="inner") as o:
+                total = init
+                for wv, ptr, _, _ in runs:
+                    total = b.fadd(total, b.fmul(wv, load(b, ptr, o)))
+                store(b, total, acc, o)
+        for wv, ptr, i_lo, i_hi in runs:      # the rows outside the interior
+            for lo, hi in ((i_lo, min(i_hi, in_lo)), (max(i_lo, in_hi), i_hi)):
+                if lo < hi:
+                    add_tap(wv, ptr, acc, i64(lo), i64(hi), 1)
         # columns where some tap's window leaves the image sideways: recompute exactly
         edge = sorted({ow for ow in range(OW) for _, _, _, dw in taps
                        if not 0 <= ow * s_ + dw < W})
@@ -517,8 +540,8 @@ def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
         src = fptr(b, xp, b.mul(plane, i64(HW)))
         wc = fptr(b, wp, b.mul(c, i64(KH * KW)))
         init = load(b, bp, c) if bp is not None else ir.Constant(F32, 0.0)
-        with loop(b, 0, P, name="fill") as i:
-            store(b, init, acc, i)
+        if not (flat or phased):
+            fill(0, P, init)
         if phased:   # phase (rp, cp)[i, j] = x[2i + rp, 2j + cp]
             for rp in (0, 1):
                 with loop(b, 0, (H - rp + 1) // 2, name="prow") as i:
