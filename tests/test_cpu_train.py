@@ -53,6 +53,8 @@ def compare(tmp_path, rng, text: str, feeds: dict, tol: float = 2e-5, passes: in
         lr = ref.forward_backward(**feeds)
         lc = cpu.forward_backward(**feeds)
         assert np.isfinite(lc) and abs(lc - lr) <= tol * max(1.0, abs(lr)), (lc, lr)
+        for blob in ref.outputs:                      # losses, accuracies
+            assert np.allclose(cpu.blobs[blob], ref.blobs[blob], rtol=tol, atol=1e-6), blob
         for name, g in ref.grads.items():
             assert np.linalg.norm(g) > 0, name          # a real check, not of zeros
             assert rel_l2(cpu.grads[name], g) < tol, (name, rel_l2(cpu.grads[name], g))
@@ -95,7 +97,7 @@ def test_activations_transpose_ip_split(tmp_path, rng):
     """Sigmoid, TanH, leaky ReLU, Dropout (train: the masks drawn as the reference draws
     them) gradients; InnerProduct with ``transpose`` and ``axis``;
     a blob read by two layers (Caffe's Split: the gradients add); two weighted losses,
-    one with ignore_label and FULL normalization."""
+    one with ignore_label and FULL normalization; Accuracy (top 2, an ignored label)."""
     n = int(rng.integers(3, 9))
     text = (_input(["data", "label"], [(n, 3, 5), (n,)]) + """
 layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
@@ -109,6 +111,8 @@ layer { name: "lrelu" type: "ReLU" bottom: "ip2" top: "lr" relu_param { negative
 layer { name: "a" type: "InnerProduct" bottom: "lr" top: "a" inner_product_param { num_output: 4 } }
 layer { name: "b" type: "InnerProduct" bottom: "lr" top: "b" inner_product_param { num_output: 4 } }
 layer { name: "la" type: "SoftmaxWithLoss" bottom: "a" bottom: "label" top: "la" }
+layer { name: "acc" type: "Accuracy" bottom: "b" bottom: "label" top: "acc"
+  accuracy_param { top_k: 2 ignore_label: 3 } }
 layer { name: "lb" type: "SoftmaxWithLoss" bottom: "b" bottom: "label" top: "lb" loss_weight: 0.5
   loss_param { ignore_label: 2 normalization: FULL } }
 """)

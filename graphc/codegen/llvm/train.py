@@ -18,8 +18,8 @@ graph inputs are views of the arena the caller fills.
 Nodes: forward nodes use the inference kernels (kernels/) where those read the params
 through ``param_src`` (Pooling, ReLU and the other pointwise ops); Convolution and
 InnerProduct (whose inference kernels pack or transpose the weights at compile time),
-MAX pooling that keeps its argmax, Dropout in training and SoftmaxWithLoss have training
-versions (kernels/grad_conv.py, grad_linear.py, grad_pool.py, grad_pointwise.py,
+MAX pooling that keeps its argmax, Dropout in training, SoftmaxWithLoss and Accuracy have
+training versions (kernels/grad_conv.py, grad_linear.py, grad_pool.py, grad_pointwise.py,
 loss.py).  Grad nodes dispatch on the forward op: grad_conv, grad_linear, grad_pool,
 loss, grad_pointwise; Sum and Fill are elementwise.  Data layers and Dropout's random
 masks run in Python before each pass (the masks drawn from the net's generator as the
@@ -167,6 +167,8 @@ def _why_not(g: Graph, n: Node):
         return loss.supported(n.attrs, g.types[n.inputs[0]].shape)
     if n.op == "Dropout":
         return None
+    if n.op == "Accuracy":
+        return loss.supported_accuracy(n.attrs)
     if n.op == "Pooling" and n.attrs.get("keep_argmax"):
         return grad_pool.supported(n.attrs, g.types[n.inputs[0]].shape)
     return supported(g, n)
@@ -212,6 +214,8 @@ def _lower_node(k: KernelContext, tg: Graph, n: Node) -> None:
         grad_conv.lower_forward(k, n)
     elif n.op == "SoftmaxWithLoss":
         loss.lower_forward(k, n)
+    elif n.op == "Accuracy":
+        loss.lower_accuracy(k, n)
     elif n.op == "Pooling" and n.attrs.get("keep_argmax"):
         grad_pool.lower_forward_argmax(k, n)
     elif n.op == "Dropout":

@@ -1,5 +1,6 @@
 """SoftmaxWithLoss in a training pass: the loss (forward) and the gradient of its
-predictions, as ops/loss.py's reference computes them.
+predictions, as ops/loss.py's reference computes them; and Accuracy's forward (a train
+net's monitor, as ops/softmax.py's).
 
 Softmax along ``axis`` in float32 (subtract the maximum, exp, divide by the sum); the
 loss is the sum of ``-log(max(p[label], FLT_MIN))`` (in double) over positions whose
@@ -148,3 +149,48 @@ def lower_grad(k, n, parts) -> None:
 
 
 _ = fptr
+
+
+def supported_accuracy(attrs):
+    if int(attrs.get("num_top", 1)) > 1:
+        return ("Accuracy with a second (per-class) top", "remove the second top, or "
+                "train with --backend reference")
+    return None
+
+
+def lower_accuracy(k, n) -> None:
+    """Accuracy (forward only, one part): a position counts as correct when at most
+    ``top_k`` classes (the true one included) score >= the true class, as ops/softmax.py;
+    ignored labels are skipped, no counted label gives 0, a label out of range NaN."""
+    x, labels = n.inputs[0], n.inputs[1]
+    outer, classes, inner = _dims(n.attrs, k.shape(x))
+    top_k = int(n.attrs.get("top_k", 1))
+    fn, b, a = step_function(k.mod, k.step_name(n.name))
+    xp, lp, yp = (k.ptr(b, a, arena(k.loc(v))) for v in (x, labels, n.outputs[0]))
+    cnt, hits = var(b, i64(0), "cnt"), var(b, i64(0), "hits")
+    bad = var(b, ir.Constant(I1, 0), "bad")
+    with loop(b, 0, outer, name="o") as o:
+        with loop(b, 0, inner, name="i") as i:
+            lab, counted, inside = _label_state(b, n.attrs, lp, b.add(b.mul(o, i64(inner)), i),
+                                                classes)
+            with b.if_then(counted):
+                b.store(b.add(get(b, cnt), i64(1)), cnt)
+                with b.if_else(inside) as (ok, no):
+                    with ok:
+                        base = b.add(b.mul(o, i64(classes * inner)), i)
+                        true = load(b, xp, b.add(base, b.mul(lab, i64(inner))))
+                        ge = var(b, i64(0), "ge")
+                        with loop(b, 0, classes, name="c") as c:
+                            v = load(b, xp, b.add(base, b.mul(c, i64(inner))))
+                            b.store(b.add(get(b, ge), b.zext(b.fcmp_ordered(">=", v, true),
+                                                             I64)), ge)
+                        win = b.icmp_signed("<=", get(b, ge), i64(top_k))
+                        b.store(b.add(get(b, hits), b.zext(win, I64)), hits)
+                    with no:
+                        b.store(ir.Constant(I1, 1), bad)
+    n_ = get(b, cnt)
+    acc = b.fdiv(b.sitofp(get(b, hits), F32), b.sitofp(n_, F32))
+    acc = b.select(b.icmp_signed(">", n_, i64(0)), acc, ir.Constant(F32, 0.0))
+    store(b, b.select(get(b, bad), ir.Constant(F32, float("nan")), acc), yp, 0)
+    b.ret_void()
+    k.add_step(fn.name, 0)
