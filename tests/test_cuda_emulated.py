@@ -522,6 +522,9 @@ def check_emulated(net, feeds: dict, precision: str) -> dict:
         g = got[k]
         assert g.shape == w.shape, (k, g.shape, w.shape)
         assert np.isfinite(g).all(), f"{k}: {int((~np.isfinite(g)).sum())} values not finite"
+        if not np.any(w):       # e.g. a ReLU of a small, all-negative blob: exactly zero too
+            errors[k] = float(np.abs(g).max())
+            continue
         errors[k] = rel_l2(g, w)
     bad = {k: e for k, e in errors.items() if not e <= TOL[precision]}
     assert not bad, f"{precision}: rel L2 above {TOL[precision]}: {bad} (all: {errors})"
@@ -630,10 +633,28 @@ def layer_zoo(rng) -> tuple[str, dict]:
                        "convolution_param { num_output: 12 kernel_size: 3 pad: 1 }"))
     text.append(_layer("rc", "Eltwise", ["rc_proj", "rc_conv"], "rc"))
     text.append(_layer("rc_relu", "ReLU", ["rc"], "rc"))
-    # unary ops
-    x = inp("un_in", (r(1, 3), r(1, 50)))
-    text.append(_layer("un_tanh", "TanH", [x], "un_tanh"))
-    text.append(_layer("un_elu", "ELU", [x], "un_elu"))
+    # pointwise: a chain (BatchNorm, Scale, PReLU fuse into one kernel) and single ops
+    x = inp("pt_in", (2, r(1, 6), r(1, 6), r(1, 6)))
+    text.append(_layer("ptbn", "BatchNorm", [x], "pt"))
+    text.append(_layer("ptsc", "Scale", ["pt"], "pt", "scale_param { bias_term: true }"))
+    text.append(_layer("ptpr", "PReLU", ["pt"], "pt"))
+    x = inp("un_in", (r(1, 3), r(8, 50)))
+    for name, params in [("TanH", ""), ("ELU", ""), ("AbsVal", ""), ("BNLL", ""),
+                         ("Threshold", "threshold_param { threshold: 0.3 }"),
+                         ("Power", "power_param { power: 2 scale: 0.5 shift: 1 }"),
+                         ("Dropout", ""), ("Bias", "")]:
+        text.append(_layer(f"un_{name.lower()}", name, [x], f"un_{name.lower()}", params))
+    text.append(_layer("un_exp", "Exp", [x], "un_exp", "exp_param { base: 2 scale: 0.5 }"))
+    text.append(_layer("un_log", "Log", ["un_exp"], "un_log", "log_param { scale: 2 shift: 1 }"))
+    # data movement: Slice, Crop, Tile; a pooling with its argmax mask
+    x = inp("mv_in", (2, r(3, 7), r(3, 7), r(4, 9)))
+    text.append(f'layer {{ name: "mv_slice" type: "Slice" bottom: "{x}" top: "mv_a" top: "mv_b" '
+                f'slice_param {{ axis: 1 slice_point: 1 }} }}\n')
+    text.append(_layer("mv_tile", "Tile", ["mv_b"], "mv_tile", "tile_param { axis: 2 tiles: 2 }"))
+    text.append(f'layer {{ name: "mv_pool" type: "Pooling" bottom: "{x}" top: "mv_pool" '
+                f'top: "mv_mask" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}\n')
+    text.append(_layer("mv_crop", "Crop", [x, "mv_pool"], "mv_crop",
+                       "crop_param { axis: 2 offset: 1 }"))
     return _inputs_layer(shapes) + "".join(text), shapes
 
 
@@ -642,6 +663,9 @@ def test_layer_zoo(tmp_path, rng, precision):
     from graphc.runtime.testing import net_from_text
     text, shapes = layer_zoo(rng)
     net = net_from_text(text, tmp_path, rng=rng)
+    params = net.graph.params
+    params["ptbn.1"].data[...] = np.abs(params["ptbn.1"].data) + 0.5   # a variance
+    params["ptbn.2"].data[...] = 1.0                                    # the scale factor
     feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     check_emulated(net, feeds, precision)
 
