@@ -249,8 +249,9 @@ class Net:
     def _run_compiled_train(self, forward_only: bool = False):
         """forward (``forward_only``: returns the outputs) or forward_backward (returns
         the loss) on the compiled train pass.  ``grads`` are views of its memory, valid
-        until the next pass; ``blob_diffs`` are not kept (empty); ``blobs`` get the
-        outputs (the planned memory reuses the other blobs' space)."""
+        until the next pass; ``blob_diffs`` are not kept (empty); ``blobs`` hold the
+        inputs, the data layers' tops and the outputs only (the planned memory reuses
+        the other blobs' space within the pass)."""
         c = self.compiled_train()
         for blob, arr in c.inputs.items():
             arr[...] = self.blobs[blob]
@@ -258,6 +259,13 @@ class Net:
         out = {}
         for blob, arr in c.outputs.items():
             self.blobs[blob] = out[blob] = np.array(arr, copy=True)
+        g = self.graph
+        for v, a in c.host_values.items():         # the data layers' tops
+            self.blobs[g.blob_of.get(v, v)] = a
+        # the other blobs' memory was reused within the pass: not kept (not stale zeros)
+        keep = set(self.inputs) | set(out) | {g.blob_of.get(v, v) for v in c.host_values}
+        for blob in [b for b in self.blobs if b not in keep]:
+            del self.blobs[blob]
         if forward_only:
             return out
         self.grads = OrderedDict(
