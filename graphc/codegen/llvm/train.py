@@ -445,6 +445,7 @@ class CompiledTrainNet:
         from ...errors import OpError
         from ...ops import get_op
         from ...ops.base import Context
+        self.host_values = {}
         if not self.train.host_nodes and not self.train.masks:
             return
         if ctx is None:
@@ -461,6 +462,7 @@ class CompiledTrainNet:
                 ctx.node = None
             for v, a in zip(n.outputs, outs):
                 self._view(v)[...] = a
+                self.host_values[v] = a
         for n, off in self.train.masks:
             shape = self.graph.types[n.inputs[0]].shape
             keep = ctx.rng.random(shape) < 1.0 - n.attrs["dropout_ratio"]

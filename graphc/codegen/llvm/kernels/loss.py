@@ -104,8 +104,9 @@ def lower_forward(k, n) -> None:
                         base, m, s = _softmax_at(b, xp, o, i, classes, inner)
                         v = load(b, xp, b.add(base, b.mul(lab, i64(inner))))
                         p = b.fdiv(_exp(b, b.fsub(v, m)), s)
-                        p = b.select(b.fcmp_ordered(">", p, ir.Constant(F32, FLT_MIN)), p,
-                                     ir.Constant(F32, FLT_MIN))
+                        # max(p, FLT_MIN), a NaN p staying NaN (as np.maximum)
+                        p = b.select(b.fcmp_ordered("<", p, ir.Constant(F32, FLT_MIN)),
+                                     ir.Constant(F32, FLT_MIN), p)
                         b.store(b.fsub(get(b, total), b.call(log, [b.fpext(p, F64)])), total)
                     with no:
                         b.store(ir.Constant(I1, 1), bad)
