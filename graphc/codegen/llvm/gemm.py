@@ -351,13 +351,18 @@ class GemmGenerator:
             return mod.globals[name]
         return ir.Function(mod, ir.FunctionType(self.vt, [self.vt] * 3), name)
 
-    def emit_ukernel(self, mod):
+    def emit_ukernel(self, mod, nv: int | None = None):
+        """The MR x (nv * VW) microkernel (nv: the config's, or fewer vectors for the
+        narrow last panel; the B panel rows stay NR floats apart)."""
         c, vt = self.cfg, self.vt
-        MR, NV, VW, NR = c.mr, c.nv, c.vw, c.nr
+        MR, VW, NR = c.mr, c.vw, c.nr
+        NV = nv or c.nv
+        TW = NV * VW                    # the tile's width
         args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
                 ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
                 *self.epi.args]
-        fn, b, a = new_function(mod, f"{self.name}_ukernel", args, internal=True)
+        suffix = "" if NV == c.nv else f"_n{NV}"
+        fn, b, a = new_function(mod, f"{self.name}_ukernel{suffix}", args, internal=True)
         for p in ("ap", "bp", "c"):
             fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
         fma = self._fma_fn(mod)
@@ -381,7 +386,7 @@ class GemmGenerator:
             # overlap the k loop instead of stalling the loads and stores after it. Spread
             # over the first trips, not all at once; past-the-end addresses are harmless.
             ro = b.mul(imin(b, b.udiv(k, i64(c.unroll)), i64(MR - 1)), a["ldc"])
-            for off in [*range(0, NR, 16), NR - 1]:
+            for off in [*range(0, TW, 16), TW - 1]:
                 b.call(prefetch, [_addr(b, F32, a["c"], b.add(ro, i64(off))),
                                   ir.Constant(I32, 1), ir.Constant(I32, 3), ir.Constant(I32, 1)])
         if self.packed_a and self.PREFETCH_A:
@@ -424,9 +429,9 @@ class GemmGenerator:
                                  ir.Constant(I32, 0))
         do_epi = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_EPILOGUE)),
                                  ir.Constant(I32, 0))
-        with b.if_else(b.icmp_signed("==", a["nr"], i64(NR)), likely=True) as (then, otherwise):
+        with b.if_else(b.icmp_signed("==", a["nr"], i64(TW)), likely=True) as (then, otherwise):
             with then:
-                self._store_tile(b, a, res, load_c, do_epi, masks=None)
+                self._store_tile(b, a, res, load_c, do_epi, masks=[None] * NV)
             with otherwise:  # the last columns of C: masked loads and stores
                 iota = [ir.Constant(ir.VectorType(I32, VW), list(range(v * VW, (v + 1) * VW)))
                         for v in range(NV)]
@@ -446,23 +451,25 @@ class GemmGenerator:
                 self._store_row(b, a, res[r], r, load_c, do_epi, masks)
 
     def _store_row(self, b, a, acc, r, load_c, do_epi, masks):
+        """One row of the tile (``len(acc)`` vectors; masks: one per vector, None = all
+        lanes)."""
         c, vt = self.cfg, self.vt
+        nv = len(acc)
         o = b.mul(i64(r), a["ldc"])
         slots = [var(b, x) for x in acc]
-        offs = [b.add(o, i64(v * c.vw)) for v in range(c.nv)]
-        masks = masks or [None] * c.nv
+        offs = [b.add(o, i64(v * c.vw)) for v in range(nv)]
         with b.if_then(load_c):
-            for v in range(c.nv):
+            for v in range(nv):
                 x = _load_vec(b, vt, a["c"], offs[v], masks[v])
                 b.store(b.fadd(b.load(slots[v], typ=vt), x), slots[v])
         if not self.epi.is_identity:
             with b.if_then(do_epi):
                 row = b.add(a["row"], i64(r))
-                for v in range(c.nv):
+                for v in range(nv):
                     col = b.add(a["col"], i64(v * c.vw))
                     x = self.epi.vector(b, b.load(slots[v], typ=vt), row, col, a, masks[v])
                     b.store(x, slots[v])
-        for v in range(c.nv):
+        for v in range(nv):
             _store_vec(b, b.load(slots[v], typ=vt), a["c"], offs[v], masks[v])
 
     # -- packing ------------------------------------------------------------------------
@@ -534,7 +541,7 @@ class GemmGenerator:
 
     # -- driver -------------------------------------------------------------------------
 
-    def emit_gemm(self, mod, ukernel, pack_a, pack_b):
+    def emit_gemm(self, mod, ukernel, pack_a, pack_b, narrow=None):
         c = self.cfg
         MR, NR, KC, MC, NC = c.mr, c.nr, c.kc, c.mc, c.nc
         args = [("M", I64), ("N", I64), ("K", I64), ("A", PTR), ("lda", I64), ("B", PTR),
@@ -622,16 +629,27 @@ class GemmGenerator:
                 with loop(b, 0, nc, NR, name="jr") as jr:
                     nr = imin(b, i64(NR), b.sub(nc, jr))
                     col = b.add(jc, jr)
-                    with loop(b, 0, mc, MR, name="ir") as ir_:
-                        mr = imin(b, i64(MR), b.sub(mc, ir_))
-                        row = b.add(ic, ir_)
-                        cptr = _addr(b, F32, a["C"], b.add(b.mul(row, a["ldc"]), col))
-                        a_panel = _addr(b, F32, ablk if self.packed_a else ap,
-                                        b.mul(ir_, kcp))
-                        b_panel = _addr(b, F32, bblk, b.mul(jr, kp)) if self.packed_b \
-                            else _addr(b, F32, bp, b.mul(jr, kcp))
-                        b.call(ukernel, [kcp, a_panel, b_panel, cptr, a["ldc"],
-                                         mr, nr, flags, row, col, *epi_args])
+                    b_panel = _addr(b, F32, bblk, b.mul(jr, kp)) if self.packed_b \
+                        else _addr(b, F32, bp, b.mul(jr, kcp))
+
+                    def tiles(uk):
+                        with loop(b, 0, mc, MR, name="ir") as ir_:
+                            mr = imin(b, i64(MR), b.sub(mc, ir_))
+                            row = b.add(ic, ir_)
+                            cptr = _addr(b, F32, a["C"], b.add(b.mul(row, a["ldc"]), col))
+                            a_panel = _addr(b, F32, ablk if self.packed_a else ap,
+                                            b.mul(ir_, kcp))
+                            b.call(uk, [kcp, a_panel, b_panel, cptr, a["ldc"],
+                                        mr, nr, flags, row, col, *epi_args])
+
+                    if narrow is None:
+                        tiles(ukernel)
+                    else:   # a last panel of at most VW columns: the one-vector tile
+                        with b.if_else(b.icmp_signed("<=", nr, i64(c.vw))) as (thin, wide):
+                            with thin:
+                                tiles(narrow)
+                            with wide:
+                                tiles(ukernel)
             b.store(pc_next, pc_var)
             after = b.append_basic_block("pc.end")
             b.cbranch(b.icmp_signed("<", pc_next, K), body, after)
@@ -646,9 +664,12 @@ class GemmGenerator:
     def emit(self, mod: ir.Module | None = None) -> ir.Module:
         mod = mod or ir.Module(name=self.name)
         uk = self.emit_ukernel(mod)
+        # N rarely ends on a whole panel (a 14x14 image: 196 = 6 x 32 + 4): a last panel
+        # of at most VW columns runs the one-vector tile, half the wasted FMAs
+        narrow = self.emit_ukernel(mod, nv=1) if self.cfg.nv > 1 else None
         pack_a = None if self.packed_a else self.emit_pack_a(mod)
         pack_b = None if self.packed_b else self.emit_pack_b(mod)
-        self.emit_gemm(mod, uk, pack_a, pack_b)
+        self.emit_gemm(mod, uk, pack_a, pack_b, narrow)
         return mod
 
 
