@@ -7,6 +7,8 @@ curve trained compiled: tests/test_train_golden.py.)
 """
 from __future__ import annotations
 
+import re
+
 
 
 import numpy as np
@@ -209,3 +211,52 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
     solver = graphc.get_solver(sp, log=log, backend="auto")
     assert solver.net.backend == "reference"
     assert "norm" in log.getvalue() and "reference" in log.getvalue()
+
+
+CLI_NET = """name: "cli"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 2 dim: 6 dim: 6 } shape { dim: 4 }
+                     data_filler { type: "gaussian" std: 1 }
+                     data_filler { type: "constant" value: 1 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+LAYER
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+CLI_SOLVER = """net: "net.prototxt"
+base_lr: 0.01 lr_policy: "fixed" max_iter: 3 display: 1 snapshot_after_train: false
+random_seed: 3
+"""
+
+
+@pytest.mark.parametrize("layer", ["", 'layer { name: "norm" type: "LRN" bottom: "conv" '
+                                       'top: "conv" }'])
+def test_cli_backends(tmp_path, capsys, layer):
+    """graphc train: compiled by default; a layer without a CPU kernel falls back to the
+    reference executor, saying why; --backend cpu then fails naming the layer;
+    --backend reference trains the same losses as the compiled pass (data made by a
+    DummyData layer, which runs in Python before each compiled pass)."""
+    from graphc.cli import main
+    (tmp_path / "net.prototxt").write_text(CLI_NET.replace("LAYER", layer))
+    (tmp_path / "solver.prototxt").write_text(CLI_SOLVER)
+    solver = str(tmp_path / "solver.prototxt")
+    losses = {}
+    for backend in ([None, "reference"] if not layer else [None, "cpu"]):
+        argv = ["train", solver, "--no-progress"] + (["--backend", backend] if backend else [])
+        code = main(argv)
+        err = capsys.readouterr().err
+        if layer and backend == "cpu":
+            assert code == 1 and "layer 'norm'" in err and "--backend reference" in err
+            continue
+        assert code == 0, err
+        compiled = "Training pass compiled by the CPU backend" in err
+        assert compiled == (backend is None and not layer), err
+        if layer:
+            assert "trains on the reference executor" in err and "norm" in err
+        losses[backend] = re.findall(r"Iteration \d+ \(.*\), loss = (\S+)", err)
+    if not layer:
+        assert len(losses[None]) == 3
+        np.testing.assert_allclose(np.array(losses[None], float),
+                                   np.array(losses["reference"], float), rtol=1e-5)

@@ -180,7 +180,12 @@ def check_supported(tg: Graph) -> None:
     for n in tg.nodes:
         why = _why_not(tg, n)
         if why:
-            raise unsupported(n, why[0], f"{why[1]}; or {_HINT}")
+            hint = why[1] if "reference" in why[1] else f"{why[1]}; or {_HINT}"
+            if n.op == "Grad":     # name the user's layer, not the derived node
+                raise GraphcError(f"the CPU backend cannot train this layer: {why[0]}",
+                                  where=n.loc, layer=n.attrs["node"],
+                                  layer_type=n.attrs["op"], hint=hint)
+            raise unsupported(n, why[0], hint)
 
 
 def _lower_node(k: KernelContext, tg: Graph, n: Node) -> None:
