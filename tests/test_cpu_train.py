@@ -73,7 +73,8 @@ def labels(rng, n, classes=10):
 
 def test_conv_pool_relu_ip_softmax(tmp_path, rng):
     """Convolution (pad, stride 2, groups, bias) -> MAX pooling with overlapping windows
-    (keeps its argmax) -> ReLU -> Convolution (1x1) -> AVE pooling (padded) ->
+    (keeps its argmax) -> ReLU -> LRN across channels -> Convolution (1x2) -> AVE pooling
+    (padded) ->
     InnerProduct -> SoftmaxWithLoss; the data gradient of a convolution is exercised by
     the second one."""
     n = int(rng.integers(2, 5))
@@ -83,7 +84,9 @@ layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
 layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1"
   pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
 layer { name: "r1" type: "ReLU" bottom: "p1" top: "p1" }
-layer { name: "c2" type: "Convolution" bottom: "p1" top: "c2"
+layer { name: "n1" type: "LRN" bottom: "p1" top: "n1"
+  lrn_param { local_size: 5 alpha: 0.3 beta: 0.75 k: 2 } }
+layer { name: "c2" type: "Convolution" bottom: "n1" top: "c2"
   convolution_param { num_output: 5 kernel_h: 1 kernel_w: 2 } }
 layer { name: "p2" type: "Pooling" bottom: "c2" top: "p2"
   pooling_param { pool: AVE kernel_size: 2 stride: 1 pad: 1 } }
@@ -175,7 +178,8 @@ def test_unsupported_layer_names_it(tmp_path):
     text = (_input(["data", "label"], [(2, 3, 8, 8), (2,)]) + """
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
   convolution_param { num_output: 4 kernel_size: 3 } }
-layer { name: "norm1" type: "LRN" bottom: "conv" top: "norm1" }
+layer { name: "norm1" type: "LRN" bottom: "conv" top: "norm1"
+  lrn_param { norm_region: WITHIN_CHANNEL } }
 layer { name: "ip" type: "InnerProduct" bottom: "norm1" top: "ip"
   inner_product_param { num_output: 3 } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
@@ -199,7 +203,8 @@ def test_solver_auto_falls_back(tmp_path):
     net_text = (_input(["data", "label"], [(2, 3, 6, 6), (2,)]) + """
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
   convolution_param { num_output: 2 kernel_size: 3 } }
-layer { name: "norm" type: "LRN" bottom: "conv" top: "norm" }
+layer { name: "norm" type: "LRN" bottom: "conv" top: "norm"
+  lrn_param { norm_region: WITHIN_CHANNEL } }
 layer { name: "ip" type: "InnerProduct" bottom: "norm" top: "ip"
   inner_product_param { num_output: 3 } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
@@ -232,7 +237,8 @@ random_seed: 3
 
 
 @pytest.mark.parametrize("layer", ["", 'layer { name: "norm" type: "LRN" bottom: "conv" '
-                                       'top: "conv" }'])
+                                       'top: "conv" lrn_param { norm_region: WITHIN_CHANNEL '
+                                       '} }'])
 def test_cli_backends(tmp_path, capsys, layer):
     """graphc train: compiled by default; a layer without a CPU kernel falls back to the
     reference executor, saying why; --backend cpu then fails naming the layer;

@@ -21,7 +21,7 @@ InnerProduct (whose inference kernels pack or transpose the weights at compile t
 MAX pooling that keeps its argmax, Dropout in training, SoftmaxWithLoss and Accuracy have
 training versions (kernels/grad_conv.py, grad_linear.py, grad_pool.py, grad_pointwise.py,
 loss.py).  Grad nodes dispatch on the forward op: grad_conv, grad_linear, grad_pool,
-loss, grad_pointwise; Sum and Fill are elementwise.  Data layers and Dropout's random
+grad_lrn, loss, grad_pointwise; Sum and Fill are elementwise.  Data layers and Dropout's random
 masks run in Python before each pass (the masks drawn from the net's generator as the
 reference op draws them).
 A node without a kernel is a GraphcError naming the layer, with the hint to train with
@@ -159,6 +159,9 @@ def _why_not(g: Graph, n: Node):
             return loss.supported(p.fwd_attrs, p.input_shapes[0])
         if op == "Split":
             return None
+        if op == "LRN":
+            from .kernels import grad_lrn
+            return grad_lrn.supported(p.fwd_attrs, p.input_shapes[0])
         return grad_pointwise.supported(op, p.fwd_attrs)
     if n.op in ("InnerProduct", "Convolution"):
         return None if len(n.inputs) == 1 else (f"a {n.op} with several bottoms",
@@ -207,6 +210,9 @@ def _lower_node(k: KernelContext, tg: Graph, n: Node) -> None:
             loss.lower_grad(k, n, p)
         elif op == "Split":
             _lower_split_grad(k, n, p)
+        elif op == "LRN":
+            from .kernels import grad_lrn
+            grad_lrn.lower_grad(k, n, p)
         else:
             grad_pointwise.lower_grad(k, n, p)
     elif n.op == "Sum":

@@ -59,7 +59,8 @@ def supported(op: str, attrs: dict):
     if op not in RULES:
         return (f"there is no CPU gradient kernel for {op} layers",
                 "gradient kernels exist for Convolution, InnerProduct, Pooling (MAX, AVE), "
-                "ReLU, Sigmoid, TanH, Dropout, SoftmaxWithLoss, Split and Sum; train with "
+                "LRN (across channels), ReLU, Sigmoid, TanH, Dropout, SoftmaxWithLoss, Split "
+                "and Sum; train with "
                 "--backend reference")
     return None
 
