@@ -186,48 +186,13 @@ def test_other_kernels_match_reference(tmp_path, rng):
 # NVRTC
 
 
-ZOO_FEEDS = {   # train/test nets: their data layers' tops fed (the test phase's batch)
-    "lenet_train_test": ({"data": (100, 1, 28, 28), "label": (100,)}, ()),
-    "cifar10_quick_train_test": ({"data": (100, 3, 32, 32), "label": (100,)}, ()),
-    "cifar10_bn_train_test": ({"data": (1000, 3, 32, 32), "label": (1000,)}, ()),
-    "alexnet_train_val": ({"data": (50, 3, 227, 227), "label": (50,)}, ()),
-    "mnist_autoencoder": ({"data": (100, 1, 28, 28)}, ("test-on-test",)),
-}
-
-
-def _zoo_graphs(zoo):
-    """Every net of the zoo in its test phase, optimized, without its loss and accuracy
-    layers (the CUDA backend compiles inference; their bottoms become outputs)."""
-    from graphc.frontend.lower import lower
-    from graphc.frontend.prototxt import read_net
-    from graphc.runtime.build import fill_params
-    graphs = {}
-    for f in sorted(zoo.glob("*.prototxt")):
-        if "solver" in f.name:
-            continue
-        feeds, stages = ZOO_FEEDS.get(f.stem, ({}, ()))
-        g = lower(read_net(str(f)), "test", input_shapes=feeds, stages=stages)
-        keep, outs = [], []
-        for n in g.nodes:
-            if n.op.endswith("Loss") or n.op == "Accuracy":
-                outs += n.inputs[:1]
-            else:
-                keep.append(n)
-        made = {v for n in keep for v in n.outputs}
-        g.nodes = keep
-        g.outputs = list(dict.fromkeys([v for v in g.outputs if v in made] + outs))
-        fill_params(g)
-        graphs[f.stem] = run_pipeline(g)
-    return graphs
-
-
 @needs_nvrtc
 def test_zoo_kernels_compile_without_spills(shared_dir, capsys):
     """Every kernel instantiation of every zoo net, in every precision, compiles to SASS
     for sm_90; ptxas's report per kernel is printed; no main conv/GEMM kernel spills."""
     from graphc.codegen.cuda.check import compile_check, instantiations, resource_table, \
-        spilling
-    graphs = _zoo_graphs(shared_dir / "zoo")
+        spilling, zoo_graphs
+    graphs = zoo_graphs(shared_dir / "zoo")
     assert len(graphs) >= 10
     info = compile_check(graphs, "sm_90")
     for name, g in graphs.items():

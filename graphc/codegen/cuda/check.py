@@ -28,6 +28,50 @@ _PRELUDE_ALL = """// graphc kernel compile check ({what})
 """
 
 
+#: the data-layer tops of the train/test nets of Caffe's examples, fed at their test batch
+#: (a compile check needs shapes, not data), and the stages their test phase needs
+TRAIN_NET_FEEDS = {
+    "lenet_train_test": ({"data": (100, 1, 28, 28), "label": (100,)}, ()),
+    "cifar10_quick_train_test": ({"data": (100, 3, 32, 32), "label": (100,)}, ()),
+    "cifar10_bn_train_test": ({"data": (1000, 3, 32, 32), "label": (1000,)}, ()),
+    "alexnet_train_val": ({"data": (50, 3, 227, 227), "label": (50,)}, ()),
+    "mnist_autoencoder": ({"data": (100, 1, 28, 28)}, ("test-on-test",)),
+}
+
+
+def inference_graph(path, feeds=None, stages=()):
+    """A net's test phase, optimized, params filled, without its loss and accuracy
+    layers (their bottoms become outputs): what the CUDA backend compiles of it."""
+    from ...frontend.lower import lower
+    from ...frontend.prototxt import read_net
+    from ...passes import run_pipeline
+    from ...runtime.build import fill_params
+    g = lower(read_net(str(path)), "test", input_shapes=feeds or {}, stages=stages)
+    keep, outs = [], []
+    for n in g.nodes:
+        if n.op.endswith("Loss") or n.op == "Accuracy":
+            outs += n.inputs[:1]
+        else:
+            keep.append(n)
+    made = {v for n in keep for v in n.outputs}
+    g.nodes = keep
+    g.outputs = list(dict.fromkeys([v for v in g.outputs if v in made] + outs))
+    fill_params(g)
+    return run_pipeline(g)
+
+
+def zoo_graphs(zoo) -> dict:
+    """{net name: optimized graph} of every net prototxt in directory ``zoo``."""
+    from pathlib import Path
+    graphs = {}
+    for f in sorted(Path(zoo).glob("*.prototxt")):
+        if "solver" in f.name:
+            continue
+        feeds, stages = TRAIN_NET_FEEDS.get(f.stem, ({}, ()))
+        graphs[f.stem] = inference_graph(f, feeds, stages)
+    return graphs
+
+
 def instantiations(g_opt, precisions=PRECISIONS, arch: str = "sm_90") -> dict[str, str]:
     """{kernel name: its source} of an optimized graph in each of ``precisions``."""
     out: dict[str, str] = {}
@@ -63,16 +107,29 @@ def compile_check(graphs: dict, arch: str = "sm_90", precisions=PRECISIONS,
     return seen
 
 
+def descriptions(sources) -> dict[str, str]:
+    """{kernel: what it is} from the ``// kernel NAME: ...`` line each template starts
+    with (``sources``: texts, or a {name: source} dict)."""
+    import re
+    texts = sources.values() if isinstance(sources, dict) else sources
+    out = {}
+    for text in texts:
+        for m in re.finditer(r"^// kernel (\w+): (.*)$", text, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def spilling(info: dict[str, KernelInfo], kinds=MAIN_KINDS) -> list[KernelInfo]:
     return [ki for name, ki in sorted(info.items())
             if name.startswith(kinds) and (ki.spill_stores or ki.spill_loads)]
 
 
-def resource_table(info: dict[str, KernelInfo]) -> str:
-    """A Markdown table of ptxas's resources per kernel."""
-    rows = ["| kernel | registers | static smem (B) | stack (B) | spill stores (B) | "
-            "spill loads (B) |", "|---|---:|---:|---:|---:|---:|"]
+def resource_table(info: dict[str, KernelInfo], what: dict | None = None) -> str:
+    """A Markdown table of ptxas's resources per kernel (``what``: descriptions)."""
+    what = what or {}
+    rows = ["| kernel | what | registers | static smem (B) | stack (B) | spill stores (B) | "
+            "spill loads (B) |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, ki in sorted(info.items()):
-        rows.append(f"| {name} | {ki.registers} | {ki.shared_bytes} | {ki.local_bytes} | "
-                    f"{ki.spill_stores} | {ki.spill_loads} |")
+        rows.append(f"| {name} | {what.get(name, '')} | {ki.registers} | {ki.shared_bytes} | "
+                    f"{ki.local_bytes} | {ki.spill_stores} | {ki.spill_loads} |")
     return "\n".join(rows)
