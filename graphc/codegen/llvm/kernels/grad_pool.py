@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from ..irutil import F32, FLT_MAX, I64, PTR, fptr, i64, imax, imin, load, loop, memset0, \
-    new_function, part_range, step_function, store
+from ..irutil import F32, FLT_MAX, I64, PTR, fptr, get, i64, imax, imin, load, loop, \
+    memset0, new_function, part_range, step_function, store, var
 from .grad_linear import arena
 from .pool import _interior, geometry
 
@@ -24,9 +24,9 @@ from .pool import _interior, geometry
 def argmax_plane_function(k, geo) -> ir.Function:
     """``f(src, dst, mask)``: one plane MAX-pooled with the geometry ``geo`` built in, the
     index h*W + w of each maximum (the first in row-major order: strictly greater wins)
-    written to mask as a float.  Row by row of the window, as pool.py's fast plane: the
-    output columns whose windows are inside the image run with no bounds checks (a loop
-    LLVM vectorizes), the border columns clip their windows."""
+    written to mask as a float.  Outputs whose windows lie inside the image (ranges known
+    at compile time) read their KH*KW taps at constant offsets, along the output row (a
+    loop LLVM vectorizes); the border outputs clip their windows at run time."""
     name = "gk_maxpool_argmax_" + "_".join(map(str, geo))
     return k.helper(name, lambda mod, nm: _make_argmax_plane(mod, nm, geo))
 
@@ -38,45 +38,55 @@ def _make_argmax_plane(mod, name, geo):
     for i in (0, 1, 2):
         fn.args[i].add_attribute("noalias")
     src, dst, mask = a["src"], a["dst"], a["mask"]
-    lo, hi = _interior(W, KW, SW, PW, OW)
+    lo_w, hi_w = _interior(W, KW, SW, PW, OW)
+    lo_h, hi_h = _interior(H, KH, SH, PH, OH)
 
     def update(acc, arg, v, idx):
         better = b.fcmp_ordered(">", v, acc)
-        return b.select(better, v, acc), b.select(better, b.sitofp(idx, F32), arg)
+        return b.select(better, v, acc), b.select(better, idx, arg)
+
+    def finish(acc, arg, o):
+        store(b, acc, dst, o)
+        store(b, b.sitofp(arg, F32), mask, o)
+
+    def clipped(oh, ow):
+        """One output whose window may leave the image: runtime-clipped loops."""
+        h0 = b.sub(b.mul(oh, i64(SH)), i64(PH))
+        w0 = b.sub(b.mul(ow, i64(SW)), i64(PW))
+        hs, he = imax(b, h0, 0), imin(b, b.add(h0, i64(KH)), H)
+        ws, we = imax(b, w0, 0), imin(b, b.add(w0, i64(KW)), W)
+        acc, arg = var(b, ir.Constant(F32, -FLT_MAX), "acc"), var(b, i64(-1), "arg")
+        with loop(b, hs, he, name="h") as h:
+            with loop(b, ws, we, name="w") as w:
+                idx = b.add(b.mul(h, i64(W)), w)
+                na, ng = update(get(b, acc), get(b, arg), load(b, src, idx), idx)
+                b.store(na, acc)
+                b.store(ng, arg)
+        finish(get(b, acc), get(b, arg), b.add(b.mul(oh, i64(OW)), ow))
+
+    def clipped_cols(oh, c0, c1):
+        if c1 > c0:
+            with loop(b, c0, c1, name="bw") as ow:
+                clipped(oh, ow)
 
     with loop(b, 0, OH, name="oh") as oh:
-        h0 = b.sub(b.mul(oh, i64(SH)), i64(PH))
-        hs, he = imax(b, h0, 0), imin(b, b.add(h0, i64(KH)), H)
-        drow = fptr(b, dst, b.mul(oh, i64(OW)))
-        mrow = fptr(b, mask, b.mul(oh, i64(OW)))
-        with loop(b, 0, OW, name="init") as ow:
-            store(b, ir.Constant(F32, -FLT_MAX), drow, ow)
-            store(b, ir.Constant(F32, -1.0), mrow, ow)
-        with loop(b, hs, he, name="h") as h:
-            srow = fptr(b, src, b.mul(h, i64(W)))
-            hw = b.mul(h, i64(W))
-            for a_, z_ in ((0, lo), (hi, OW)):          # border columns: clipped windows
-                with loop(b, a_, z_, name="bw") as ow:
-                    w0 = b.sub(b.mul(ow, i64(SW)), i64(PW))
-                    ws, we = imax(b, w0, 0), imin(b, b.add(w0, i64(KW)), W)
-                    acc, arg = load(b, drow, ow), load(b, mrow, ow)
-                    for kw in range(KW):
-                        w = b.add(w0, i64(kw))
-                        inside = b.and_(b.icmp_signed(">=", w, ws), b.icmp_signed("<", w, we))
-                        wc = imin(b, imax(b, w, 0), W - 1)
-                        n_acc, n_arg = update(acc, arg, load(b, srow, wc), b.add(hw, wc))
-                        acc = b.select(inside, n_acc, acc)
-                        arg = b.select(inside, n_arg, arg)
-                    store(b, acc, drow, ow)
-                    store(b, arg, mrow, ow)
-            with loop(b, lo, hi, name="iw") as ow:       # interior: no bounds checks
-                base = b.sub(b.mul(ow, i64(SW)), i64(PW))
-                acc, arg = load(b, drow, ow), load(b, mrow, ow)
-                for kw in range(KW):
-                    w = b.add(base, i64(kw))
-                    acc, arg = update(acc, arg, load(b, srow, w), b.add(hw, w))
-                store(b, acc, drow, ow)
-                store(b, arg, mrow, ow)
+        inside = b.and_(b.icmp_signed(">=", oh, i64(lo_h)), b.icmp_signed("<", oh, i64(hi_h)))
+        with b.if_else(inside) as (fast, slow):
+            with fast:
+                clipped_cols(oh, 0, lo_w)
+                clipped_cols(oh, hi_w, OW)
+                # interior: the whole window inside, its taps at constant offsets
+                top = b.mul(b.sub(b.mul(oh, i64(SH)), i64(PH)), i64(W))
+                with loop(b, lo_w, hi_w, name="iw") as ow:
+                    base = b.add(top, b.sub(b.mul(ow, i64(SW)), i64(PW)))
+                    acc, arg = ir.Constant(F32, -FLT_MAX), i64(-1)
+                    for kh in range(KH):
+                        for kw in range(KW):
+                            idx = b.add(base, i64(kh * W + kw))
+                            acc, arg = update(acc, arg, load(b, src, idx), idx)
+                    finish(acc, arg, b.add(b.mul(oh, i64(OW)), ow))
+            with slow:
+                clipped_cols(oh, 0, OW)
     b.ret_void()
     return fn
 
