@@ -684,3 +684,158 @@ def test_model(rng, model, precision):
     feeds = {name: rng.standard_normal(net.blobs[name].shape).astype(np.float32)
              for name in net.inputs}
     check_emulated(net, feeds, precision)
+
+
+# ---------------------------------------------------------------------------------------
+# the emulator against a real GPU (marked gpu: skipped without one)
+
+
+class _Gpu:
+    """The CUDA driver API through ctypes: a module from a cubin, device buffers, launches."""
+
+    def __init__(self):
+        import ctypes
+        self.ct = ctypes
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self._ok(self.lib.cuInit(0), "cuInit")
+        dev = ctypes.c_int()
+        self._ok(self.lib.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+        self.ctx = ctypes.c_void_p()
+        self._ok(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev), "ctx")
+        self._ok(self.lib.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)
+        self.lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)
+        self.arch = f"sm_{major.value}{minor.value}"
+
+    def _ok(self, rc, what):
+        assert rc == 0, f"{what}: CUDA error {rc}"
+
+    def function(self, cubin: bytes, name: str):
+        mod, fn = self.ct.c_void_p(), self.ct.c_void_p()
+        self._ok(self.lib.cuModuleLoadData(self.ct.byref(mod), cubin), "cuModuleLoadData")
+        self._ok(self.lib.cuModuleGetFunction(self.ct.byref(fn), mod, name.encode()), name)
+        return fn
+
+    def launch(self, fn, grid, block, smem, args) -> list:
+        """``args``: numpy arrays (copied to the device and back; returned) or (kind,
+        value) scalars as for EmulatedModule.launch."""
+        ct = self.ct
+        vals, ptrs, out = [], [], []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                p = ct.c_uint64()
+                self._ok(self.lib.cuMemAlloc_v2(ct.byref(p), max(a.nbytes, 1)), "cuMemAlloc")
+                self._ok(self.lib.cuMemcpyHtoD_v2(p, ct.c_void_p(a.ctypes.data),
+                                                  ct.c_size_t(a.nbytes)), "HtoD")
+                ptrs.append((p, a))
+                vals.append(p)
+            else:
+                kind, v = a
+                vals.append({"i": ct.c_int32, "l": ct.c_int64, "f": ct.c_float}[kind](v))
+        params = (ct.c_void_p * len(vals))(*[ct.cast(ct.byref(v), ct.c_void_p) for v in vals])
+        g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        self._ok(self.lib.cuLaunchKernel(fn, *[ct.c_uint(x) for x in g + b], ct.c_uint(smem),
+                                         None, params, None), "cuLaunchKernel")
+        self._ok(self.lib.cuCtxSynchronize(), "cuCtxSynchronize")
+        for p, a in ptrs:
+            r = np.empty_like(a)
+            self._ok(self.lib.cuMemcpyDtoH_v2(ct.c_void_p(r.ctypes.data), p,
+                                              ct.c_size_t(a.nbytes)), "DtoH")
+            self.lib.cuMemFree_v2(p)
+            out.append(r)
+        return out
+
+
+@pytest.mark.gpu
+def test_emulator_matches_gpu_on_test_kernels(kernels, rng):
+    """The kernels above on the GPU and in the emulator, same inputs: conversions bit for
+    bit, everything else to the rounding of a different summation order."""
+    from graphc.codegen.cuda import nvrtc
+    gpu = _Gpu()
+    cubin = nvrtc.compile_module(KERNELS, gpu.arch).cubin
+
+    def both(name, grid, block, smem, args):
+        emu_args = [dev(a) if isinstance(a, np.ndarray) else a for a in args]
+        kernels.launch(name, grid, block, smem,
+                       [P(a) if isinstance(a, np.ndarray) else a for a in emu_args])
+        return [a for a in emu_args if isinstance(a, np.ndarray)], \
+            gpu.launch(gpu.function(cubin, name), grid, block, smem, args)
+
+    x = np.concatenate([rng.standard_normal(30000) * 10.0 ** rng.integers(-9, 6, 30000),
+                        [65519.99, 65520, 2.98e-8, np.inf, -0.0]]).astype(np.float32)
+    ties = (rng.integers(1, 2**10, 3000).astype(np.uint32) << 13 | 0x1000) | (127 << 23)
+    x = np.concatenate([x, ties.view(np.float32), (ties | 0x80000000).view(np.float32)])
+    n = x.size
+    emu, ref = both("convert", ((n + 255) // 256,), (256,), 0,
+                    [x, np.zeros(n, np.uint16), np.zeros(n, np.uint16), np.zeros(n, np.float32),
+                     np.zeros(n, np.float32), ("i", n)])
+    for e, r, what in zip(emu[1:], ref[1:], ["half", "bfloat16", "tf32", "half->float"]):
+        e, r = e.view(np.uint8), r.view(np.uint8)
+        assert np.array_equal(e, r), f"{what}: {int((e != r).sum())} bytes differ"
+    for prec, dt in [("tf32", np.float32), ("f16", np.float16), ("bf16", np.uint16)]:
+        M, N, K = 48, 32, 64
+        a, bt = rng.standard_normal((M, K)), rng.standard_normal((N, K))
+        if dt == np.uint16:
+            a, bt = _bf16(a), _bf16(bt)
+        else:
+            a, bt = a.astype(dt), bt.astype(dt)
+        emu, ref = both(f"gemm_{prec}", (1, 2), (128,), 0,
+                        [a, bt, np.full((M, N), np.nan, np.float32), ("i", M), ("i", N),
+                         ("i", K)])
+        print(f"wmma {prec}: rel L2 emulator vs GPU {rel_l2(emu[2], ref[2]):.2e}")
+        assert rel_l2(emu[2], ref[2]) < 1e-6, prec
+    n = 5000
+    x = rng.standard_normal(n).astype(np.float32)
+    nw = (n + 31) // 32
+    emu, ref = both("warp_reduce", ((n + 127) // 128,), (128,), 0,
+                    [x, np.zeros(nw, np.float32), np.zeros(nw, np.float32),
+                     np.zeros(nw, np.int32), ("i", n)])
+    np.testing.assert_array_equal(emu[1], ref[1])
+    np.testing.assert_array_equal(emu[3], ref[3])
+    assert rel_l2(emu[2], ref[2]) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("model", ["layer_zoo", "lenet", "cifar10_quick"])
+def test_emulator_matches_gpu_on_generated_programs(tmp_path, rng, model, precision):
+    """A program on the GPU (graphc's CUDA runtime) and in the emulator, same weights and
+    inputs: the same numbers up to summation order and libm differences."""
+    pytest.importorskip("graphc.codegen.cuda.lower",
+                        reason="the CUDA code generator is not in this build")
+    import importlib
+    import graphc
+    from graphc.codegen.cuda.lower import lower_graph
+    from graphc.passes import run_pipeline
+    from graphc.runtime.cuda_build import build_cuda_library
+    from graphc.runtime.testing import net_from_text, randomize_params
+    if model == "layer_zoo":
+        text, shapes = layer_zoo(rng)
+        net = net_from_text(text, tmp_path, rng=rng)
+        params = net.graph.params
+        params["ptbn.1"].data[...] = np.abs(params["ptbn.1"].data) + 0.5
+        params["ptbn.2"].data[...] = 1.0
+    else:
+        net = graphc.Net(getattr(importlib.import_module(f"models.{model}"), model)(batch=4))
+        randomize_params(net.graph, rng)
+        shapes = {k: net.blobs[k].shape for k in net.inputs}
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    prog = lower_graph(run_pipeline(net.graph), _Gpu().arch, precision)
+    emu = run_program(prog, feeds)
+    build_cuda_library(prog, tmp_path / "gpu" / "net.so")
+    cn = graphc.load(tmp_path / "gpu" / "net.so")
+    try:
+        got = cn.forward(**feeds)
+    finally:
+        cn.close()
+    errors = {k: rel_l2(emu[k], got[k]) if np.any(got[k]) else float(np.abs(emu[k]).max())
+              for k in got}
+    print(f"{model} {precision}: rel L2 emulator vs GPU, worst {max(errors.values()):.2e}")
+    # one layer: only summation order (tensor cores add in their own order and rounding);
+    # a deep net in a reduced precision: such a difference can flip the rounding of the
+    # next layer's operands, so up to about one unit roundoff of the format
+    tol = 1e-6 if precision == "fp32" else 1e-5 if model == "layer_zoo" else \
+        {"tf32": 5e-4, "fp16": 5e-4, "bf16": 4e-3}[precision]
+    bad = {k: e for k, e in errors.items() if not e <= tol}
+    assert not bad, f"{precision}: emulator vs GPU above {tol}: {bad}"
