@@ -189,11 +189,19 @@ def lower_grad(k, n, parts) -> None:
         k.steps.append(_step(fn.name, k.node_index, N))
 
 
+#: the flipped-weights data gradient is used while dx has at most this many times the
+#: pixels of dy (its GEMM does (H*W) / (OH*OW) times the multiply-adds of col2im's)
+FLIP_MAX_RATIO = 1.5
+
+
 def _flippable(geo) -> bool:
     """Stride 1, no dilation: dx is the forward convolution of dy (padded by KH-1-PH,
-    KW-1-PW) with the weights flipped in space and input/output channels swapped."""
+    KW-1-PW) with the weights flipped in space and input/output channels swapped.  Used
+    when the input is not much larger than the output (a "same" convolution): else the
+    padded product mostly multiplies zeros and col2im is cheaper."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
-    return SH == SW == DH == DW == 1 and PH < KH and PW < KW
+    return (SH == SW == DH == DW == 1 and PH < KH and PW < KW
+            and H * W <= FLIP_MAX_RATIO * OH * OW)
 
 
 def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
