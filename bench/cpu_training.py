@@ -1,7 +1,9 @@
 """Training speed on the CPU: images/s for LeNet and CIFAR-10 quick (batch 64) with graphc's
-solver (``graphc.train``, SGD with momentum) against PyTorch (torch==2.13.0 CPU) training
-the same net from the same initial weights with the same solver settings, on the same
-data, 2 threads each.  Writes bench/results/cpu_training.md.
+solver (``graphc.train``, SGD with momentum) on the training pass compiled by graphc's CPU
+backend, against PyTorch (torch==2.13.0 CPU) training the same net from the same initial
+weights with the same solver settings, on the same data, 2 threads each; graphc's
+reference executor (numpy) as a third, for context.  Writes bench/results/cpu_training.md,
+with a per-layer profile of the compiled pass.
 
     python bench/cpu_training.py [--iters 30] [--warmup 3] [--batch 64]
 
@@ -212,7 +214,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(THREADS)
     rng = np.random.default_rng(2024)
     t0 = time.time()
+    args.load_before = os.getloadavg()[0]
     rows = [bench_net(name, args, rng) for name in args.nets.split(",")]
+    args.load_after = os.getloadavg()[0]
     write_report(args, rows, time.time() - t0, torch)
     print(f"wrote {args.out}")
     return 0
@@ -283,9 +287,14 @@ def write_report(args, rows, total, torch) -> None:
         prof = r["profile"]
         total_t = sum(t for *_, t in prof)
         total_f = sum(f for _, _, f, _ in prof)
+        conv = [(f, t) for _, op, f, t in prof if "Convolution" in op]
+        conv_t, conv_f = sum(t for _, t in conv), sum(f for f, _ in conv)
         lines += [f"**{r['name']}**: {total_f / 1e9:.2f} GFLOP per iteration; the steps "
                   f"alone sum to {total_t * 1e3:.1f} ms ({total_f / total_t / 1e9:.0f} GFLOP/s "
-                  "overall).", "",
+                  f"overall). Convolutions (forward and gradients) do "
+                  f"{100 * conv_f / max(total_f, 1):.0f}% of the flops in "
+                  f"{100 * conv_t / total_t:.0f}% of the time, at "
+                  f"{conv_f / max(conv_t, 1e-12) / 1e9:.0f} GFLOP/s.", "",
                   "| layer | op | GFLOP | ms | share | GFLOP/s |", "|---|---|---:|---:|---:|---:|"]
         for name, op, f, t in sorted(prof, key=lambda x: -x[3]):
             if t < 0.02 * total_t:
@@ -301,7 +310,10 @@ def write_report(args, rows, total, torch) -> None:
         lines += ["", f"--wait-idle {args.wait_idle:g}: " + (
             f"other jobs still used the CPUs when {', '.join(busy)} started" if busy else
             "each net started with the CPUs idle")]
-    lines += ["", f"Whole run: {total:.0f} s."]
+    lines += ["", f"Whole run: {total:.0f} s; load average (1 min) before / after: "
+              f"{args.load_before:.2f} / {args.load_after:.2f} (2 CPUs, shared with other "
+              "jobs: timings taken under load favour whichever run suffers less from "
+              "preemption, which is why the runs are interleaved)."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
