@@ -197,7 +197,8 @@ class Net:
         self._run_train(feeds)
         g = self.graph
         return {g.blob_of[v]: self.blob_diffs[g.blob_of[v]] for v in g.inputs
-                if v in self.train_graph.value_grads}
+                if v in self.train_graph.value_grads
+                and g.blob_of[v] in self.blob_diffs}   # the compiled pass keeps none
 
     def _remember(self, feeds: dict) -> None:
         """What ``backward`` needs to redo this forward: the inputs, the random state and
