@@ -266,3 +266,28 @@ def test_cli_backends(tmp_path, capsys, layer):
         assert len(losses[None]) == 3
         np.testing.assert_allclose(np.array(losses[None], float),
                                    np.array(losses["reference"], float), rtol=1e-5)
+
+
+def test_backward_after_forward(tmp_path, rng):
+    """pycaffe's net.forward(...) then net.backward() on the compiled pass: the gradients
+    of that forward (the same Dropout mask), as the reference's."""
+    text = (_input(["data", "label"], [(5, 8), (5,)]) + """
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "drop" type: "Dropout" bottom: "ip" top: "ip" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip" top: "ip2"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+""")
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    ref = graphc.Net(str(path), phase="train", seed=3)
+    cpu = graphc.Net(str(path), phase="train", backend="cpu", seed=3)
+    for name, p in ref.graph.params.items():
+        cpu.graph.params[name].data[...] = p.data
+    x, y = rng.standard_normal((5, 8)).astype(np.float32), labels(rng, 5, 3)
+    for net in (ref, cpu):
+        net.forward(data=x, label=y)
+        net.backward()
+    for name, g in ref.grads.items():
+        assert np.linalg.norm(g) > 0 and rel_l2(cpu.grads[name], g) < 2e-5, name
