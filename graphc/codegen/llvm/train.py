@@ -386,6 +386,8 @@ class CompiledTrainNet:
         self._parts = (ctypes.c_int64 * len(prog.steps))(
             *(self._nparts(s, nt) for s in prog.steps))
         self.poison = poison
+        import threading
+        self._lock = threading.Lock()      # one pass at a time (one arena)
 
         def view(v: str) -> np.ndarray:
             t = tg.types[v]
@@ -408,6 +410,10 @@ class CompiledTrainNet:
         return self._view(v)
 
     def run(self, forward_only: bool = False, ctx=None) -> float:
+        with self._lock:
+            return self._run(forward_only, ctx)
+
+    def _run(self, forward_only: bool, ctx) -> float:
         """One pass (the forward steps only with ``forward_only``); returns the total
         weighted loss, summed in float32 as Caffe's Net::Forward.  ``ctx``: the ops'
         Context for the data layers run in Python (default: a fresh one)."""
@@ -442,11 +448,12 @@ class CompiledTrainNet:
             parts = (ctypes.c_int64 * inner)(*([self._parts[i]] * inner))
             best = float("inf")
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                self.runner.run(fns, parts, inner, self.arena.ctypes.data,
-                                self.params.address, self.scratch.ctypes.data,
-                                self.scratch_stride)
-                best = min(best, (time.perf_counter() - t0) / inner)
+                with self._lock:
+                    t0 = time.perf_counter()
+                    self.runner.run(fns, parts, inner, self.arena.ctypes.data,
+                                    self.params.address, self.scratch.ctypes.data,
+                                    self.scratch_stride)
+                    best = min(best, (time.perf_counter() - t0) / inner)
             times[s.node] += best
         return [(n.name, n.op, n.flops, t) for n, t in zip(prog.nodes, times)]
 
