@@ -214,6 +214,8 @@ def test_program_carries_cubin_and_resources(tmp_path, rng):
     assert p.cubin[:4] == b"\x7fELF" and p.cubin[18] == 190      # ELF for NVIDIA CUDA
     assert {ln.kernel for ln in p.launches} <= set(p.kernels)
     assert "ptxas" in p.compile_log
+    report = p.resource_report()
+    assert all(k in report for k in p.kernels) and "wmma" in report
     for ln in p.launches:
         for a in ln.args:
             if a.kind == "arena":
@@ -308,6 +310,8 @@ def test_tiles_are_consistent():
         assert t.BM % t.WM == 0 and t.BN % t.WN == 0 and t.WM % 16 == 0 and t.WN % 16 == 0
         assert t.BN <= t.threads and t.threads % t.BN == 0 and t.threads <= 1024
         assert (t.threads // t.BN) <= t.BK
+    for t in WMMA_TILES + SIMT_TILES:     # whole register tiles per thread (the pipeline)
+        assert t.BM * t.BK % t.threads == 0 and t.BK * t.BN % t.threads == 0
     for t in SIMT_TILES:
         assert t.BM % 16 == 0 and t.BN % 16 == 0 and t.threads % t.BN == 0
 

@@ -68,3 +68,8 @@ class CudaProgram:
     weights: object                    # codegen.llvm.lower.WeightsBlob
     kernels: dict[str, KernelInfo] = field(default_factory=dict)
     compile_log: str = ""
+
+    def resource_report(self) -> str:
+        """ptxas's registers, shared memory, stack and spills per kernel (Markdown)."""
+        from .check import descriptions, resource_table
+        return resource_table(self.kernels, descriptions([self.source]))
