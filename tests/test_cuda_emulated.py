@@ -353,12 +353,15 @@ def test_scalar_arguments_and_dynamic_shared_memory(kernels, rng):
 
 
 @pytest.mark.parametrize("kernel,block,smem,extra,message", [
-    ("shared_index", 64, 0, [], "index 32 is out of the bounds of an array of type 'float [32]'"),
-    ("divergent_barrier", 32, 0, [], "a barrier in divergent code"),
+    ("shared_index", 64, 0, [], "shared_index:3: index 32 is out of the bounds of an array of "
+                                "type 'float [32]'"),
+    ("divergent_barrier", 32, 0, [], "divergent_barrier:5: __syncthreads while thread 0 of the "
+                                     "block waits at the __syncthreads of line 3 (a barrier in "
+                                     "divergent code)"),
     ("barrier_deadlock", 64, 0, [], "deadlock"),
     ("shfl_exited", 32, 0, [], "exits while lane 0 of its warp waits for it"),
     ("shfl_partial_warp", 48, 0, [], "names lanes that do not exist"),
-    ("misaligned", 1, 0, [], "misaligned access of 'struct float4'"),
+    ("misaligned", 1, 0, [], "misaligned:2: misaligned access of 'struct float4'"),
     ("dyn_overrun", 64, 128, [("i", 64)], "wrote past the 128 bytes of dynamic shared memory"),
     ("trap", 32, 0, [], "thread (3,0,0): __trap()"),
     ("wmma_unaligned", 32, 0, [], "not 256-bit aligned"),

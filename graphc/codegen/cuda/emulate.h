@@ -339,12 +339,12 @@ inline void check_block_barrier(Worker *w) {
     w->bar_first = -1;
 }
 
-inline int block_barrier(int line, int pred) {
+inline int block_barrier(const char *file, int line, int pred) {
     Worker *w = t_worker;
     Fiber &f = w->fibers[w->cur];
     if (w->bar_arrived > 0 && w->bar_line != line)
-        fail("__syncthreads at line %d while thread %d of the block waits at the __syncthreads "
-             "of line %d (a barrier in divergent code)", line, w->bar_first, w->bar_line);
+        fail("%s:%d: __syncthreads while thread %d of the block waits at the __syncthreads of "
+             "line %d (a barrier in divergent code)", file, line, w->bar_first, w->bar_line);
     if (w->bar_arrived == 0) { w->bar_line = line; w->bar_first = f.linear; }
     w->bar_arrived++;
     w->bar_count += pred != 0;
@@ -777,9 +777,10 @@ struct BoundsData { SrcLoc loc; const TypeDesc *array, *index; };
 extern "C" __attribute__((visibility("hidden"))) void
 __ubsan_handle_type_mismatch_v1(__emu::MismatchData *d, uintptr_t p) {
     unsigned long a = 1ul << d->log_align;
-    if (p == 0) ::__emu::fail("line %u: null pointer access of %s", d->loc.line, d->type->name);
-    ::__emu::fail("line %u: misaligned access of %s at address 0x%lx (needs %lu-byte "
-                  "alignment; a GPU reports 'misaligned address')", d->loc.line,
+    if (p == 0) ::__emu::fail("%s:%u: null pointer access of %s", d->loc.file, d->loc.line,
+                              d->type->name);
+    ::__emu::fail("%s:%u: misaligned access of %s at address 0x%lx (needs %lu-byte "
+                  "alignment; a GPU reports 'misaligned address')", d->loc.file, d->loc.line,
                   d->type->name, (unsigned long)p, a);
 }
 extern "C" __attribute__((visibility("hidden"))) void
@@ -788,8 +789,8 @@ __ubsan_handle_type_mismatch_v1_abort(__emu::MismatchData *d, uintptr_t p) {
 }
 extern "C" __attribute__((visibility("hidden"))) void
 __ubsan_handle_out_of_bounds(__emu::BoundsData *d, uintptr_t index) {
-    ::__emu::fail("line %u: index %ld is out of the bounds of an array of type %s",
-                  d->loc.line, (long)index, d->array->name);
+    ::__emu::fail("%s:%u: index %ld is out of the bounds of an array of type %s",
+                  d->loc.file, d->loc.line, (long)index, d->array->name);
 }
 extern "C" __attribute__((visibility("hidden"))) void
 __ubsan_handle_out_of_bounds_abort(__emu::BoundsData *d, uintptr_t index) {
@@ -797,10 +798,10 @@ __ubsan_handle_out_of_bounds_abort(__emu::BoundsData *d, uintptr_t index) {
 }
 
 // ---- synchronization and warp intrinsics -------------------------------------------
-#define __syncthreads() ((void)::__emu::block_barrier(__LINE__, 0))
-#define __syncthreads_count(p) (::__emu::block_barrier(__LINE__, (p)))
-#define __syncthreads_or(p) (::__emu::block_barrier(__LINE__, (p)) != 0)
-#define __syncthreads_and(p) (::__emu::block_barrier(__LINE__, !(p)) == 0)
+#define __syncthreads() ((void)::__emu::block_barrier(__FILE__, __LINE__, 0))
+#define __syncthreads_count(p) (::__emu::block_barrier(__FILE__, __LINE__, (p)))
+#define __syncthreads_or(p) (::__emu::block_barrier(__FILE__, __LINE__, (p)) != 0)
+#define __syncthreads_and(p) (::__emu::block_barrier(__FILE__, __LINE__, !(p)) == 0)
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
     ::__emu::warp_op("__syncwarp", mask, ::__emu::WOP_SYNC);

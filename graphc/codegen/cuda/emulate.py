@@ -141,12 +141,12 @@ def _launchers(kernels: list[str]) -> str:
     lines = ["\n// ---- emulator launchers ----"]
     for k in kernels:
         lines.append(
-            f'extern "C" int __emu_launch_{k}(const unsigned *cfg, unsigned long smem, '
-            f"int workers, const uint64_t *args, int nargs, char *err, unsigned long cap) "
-            f"{{ return ::__emu::launch_kernel(&{k}, cfg, smem, workers, args, nargs, err, "
-            f"cap); }}")
-        lines.append(f'extern "C" const char *__emu_signature_{k}(void) '
-                     f"{{ return ::__emu::signature_of(&{k}); }}")
+            f'extern "C" __attribute__((visibility("default"))) int __emu_launch_{k}('
+            f"const unsigned *cfg, unsigned long smem, int workers, const uint64_t *args, "
+            f"int nargs, char *err, unsigned long cap) {{ return ::__emu::launch_kernel(&{k}, "
+            f"cfg, smem, workers, args, nargs, err, cap); }}")
+        lines.append(f'extern "C" __attribute__((visibility("default"))) const char '
+                     f"*__emu_signature_{k}(void) {{ return ::__emu::signature_of(&{k}); }}")
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +178,8 @@ def _compiler_id(cxx: str) -> str:
     return _COMPILER_ID[cxx]
 
 
-_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fsanitize=bounds",
-          "-fno-sanitize-recover=all"]
+_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-fvisibility=hidden",
+          "-fsanitize=bounds", "-fno-sanitize-recover=all"]
 #: the alignment sanitizer (a compile about half again as long) where a kernel could
 #: misalign an access: casts between pointer types, vector types (otherwise every typed
 #: pointer stays aligned; launch arguments are checked against their parameter's type)
@@ -192,15 +192,15 @@ _CAN_MISALIGN = re.compile(
 
 @dataclass
 class EmulatedModule:
-    """One compiled module: its kernels, launchable on host memory."""
-    path: Path
+    """One compiled module: its kernels, launchable on host memory (each kernel from the
+    cached library that holds it)."""
     kernels: tuple[str, ...]
-    lib: ctypes.CDLL
+    libs: dict        # kernel -> ctypes.CDLL
 
     def signature(self, kernel: str) -> list[tuple[str, int]]:
         """Per parameter: its kind (p pointer, i 32-bit int, l 64-bit int, f float,
         d double, ? other) and the alignment a pointer's target needs (1 for scalars)."""
-        fn = getattr(self.lib, f"__emu_signature_{kernel}")
+        fn = getattr(self.libs[kernel], f"__emu_signature_{kernel}")
         fn.restype = ctypes.c_char_p
         kinds, aligns = fn().decode().split(":")
         return [(k, 1 << int(a, 16)) for k, a in zip(kinds, aligns)]
@@ -222,7 +222,7 @@ class EmulatedModule:
                 slots[i] = int(value) & 0xFFFFFFFFFFFFFFFF
         cfg = (ctypes.c_uint * 6)(*_dim3(grid), *_dim3(block))
         err = ctypes.create_string_buffer(_ERR_CAP)
-        fn = getattr(self.lib, f"__emu_launch_{kernel}")
+        fn = getattr(self.libs[kernel], f"__emu_launch_{kernel}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong]
@@ -248,38 +248,178 @@ def default_workers() -> int:
                       else (os.cpu_count() or 1)))
 
 
-_LOADED: dict[str, EmulatedModule] = {}
+_LOADED: dict[str, ctypes.CDLL] = {}
 _LOCK = threading.Lock()
 
 
 def compile_module(source: str, kernels, *, arch: str = "sm_90") -> EmulatedModule:
     """Compile CUDA C ``source`` for the emulator, with a launcher for each of
-    ``kernels`` (names of its ``extern "C" __global__`` functions)."""
+    ``kernels`` (names of its ``extern "C" __global__`` functions).
+
+    Each kernel is cached by its own text and what the source has outside its kernels
+    (includes, macros, device functions), so programs that share kernels compile each
+    once; the kernels not yet in the cache compile together, into one library.  A kernel's
+    line numbers (in messages) count from its own first line."""
     kernels = tuple(dict.fromkeys(kernels))
     for k in kernels:
         if not re.fullmatch(r"[A-Za-z_]\w*", k):
             raise GraphcError(f"'{k}' is not a kernel name")
     m = re.fullmatch(r"sm_(\d+)a?", arch)
     cuda_arch = int(m.group(1)) * 10 if m else 900
-    # emulate.h first (its precompiled form is used only when nothing precedes it)
-    text = (f"#include \"emulate.h\"\n#define __CUDA_ARCH__ {cuda_arch}\n#line 1 \"kernels.cu\"\n"
-            + emulation_source(source) + _launchers(list(kernels)))
+    spans = _kernel_spans(source)
+    if all(k in spans for k in kernels):
+        common = _strip_comment_lines(_without(source, spans.values()))
+        units = {k: f'#line 1 "{k}"\n{source[slice(*spans[k])]}\n' for k in kernels}
+    else:                          # a kernel not in the usual form: the source as one unit
+        common, units = "", {k: "" for k in kernels}
+        whole = '#line 1 "kernels.cu"\n' + source + "\n"
     cxx = _compiler()
-    flags = _ALIGN_FLAGS if _CAN_MISALIGN.search(source) else _FLAGS
+    libs: dict = {}
     with _LOCK:
-        inc = _include_dir(cxx, flags)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(text.encode())
-        h.update(inc.name.encode())
-        key = h.hexdigest()
-        if key in _LOADED:
-            return _LOADED[key]
-        so = inc.parent / f"{key}.so"
-        if not so.exists():
-            _build(text, inc, so, cxx, flags)
-        mod = EmulatedModule(so, kernels, ctypes.CDLL(str(so)))
-        _LOADED[key] = mod
-        return mod
+        todo: dict[tuple, list[str]] = {}
+        keys = {}
+        for k in kernels:
+            unit = units[k] if common or units[k] else whole
+            flags = _ALIGN_FLAGS if _CAN_MISALIGN.search(common + unit) else _FLAGS
+            inc = _include_dir(cxx, flags)
+            h = hashlib.blake2b(digest_size=16)
+            for part in (inc.name, str(cuda_arch), common, unit if units[k] else whole, k):
+                h.update(part.encode())
+                h.update(b"\0")
+            keys[k] = h.hexdigest()
+            so = _cached_kernel(inc.parent, keys[k])
+            if so is not None:
+                libs[k] = _load(so)
+            else:
+                todo.setdefault((tuple(flags), inc), []).append(k)
+        for (flags, inc), ks in todo.items():
+            body = (common + "".join(units[k] for k in ks)) if units[ks[0]] else whole
+            text = (f'#include "emulate.h"\n#define __CUDA_ARCH__ {cuda_arch}\n'
+                    + emulation_source(body) + _launchers(ks))
+            name = hashlib.blake2b(text.encode() + inc.name.encode(), digest_size=16).hexdigest()
+            so = inc.parent / f"{name}.so"
+            if not so.exists():
+                _build(text, inc, so, cxx, list(flags))
+            for k in ks:
+                _remember_kernel(inc.parent, keys[k], so)
+                libs[k] = _load(so)
+    return EmulatedModule(kernels, libs)
+
+
+def _load(so: Path) -> ctypes.CDLL:
+    lib = _LOADED.get(str(so))
+    if lib is None:
+        lib = _LOADED[str(so)] = ctypes.CDLL(str(so))
+    return lib
+
+
+def _cached_kernel(root: Path, key: str) -> Path | None:
+    try:
+        so = root / (root / "kernels" / key).read_text().strip()
+    except OSError:
+        return None
+    return so if so.is_file() else None
+
+
+def _remember_kernel(root: Path, key: str, so: Path) -> None:
+    d = root / "kernels"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{key}.{os.getpid()}"
+    tmp.write_text(so.name)
+    os.replace(tmp, d / key)
+
+
+_KERNEL_HEAD = re.compile(
+    r'\bextern\s+"C"\s+(?:__global__\s+|__launch_bounds__\s*\([^)]*\)\s*|void\s+)+'
+    r"([A-Za-z_]\w*)\s*\(")
+
+
+_MACRO_KERNEL = re.compile(r'#\s*define[^\n]*(?:\\\n[^\n]*)*\bextern\s+"C"')
+
+
+def _kernel_spans(source: str) -> dict[str, tuple[int, int]]:
+    """{kernel: (start, end)} of each ``extern "C" __global__`` definition at file scope
+    (from ``extern`` to its closing brace)."""
+    if _MACRO_KERNEL.search(source):
+        return {}                       # kernels made by macros: not split
+    depth_at = _depth_at(source)
+    spans = {}
+    for m in _KERNEL_HEAD.finditer(source):
+        if "__global__" not in m.group(0) or depth_at(m.start()) != 0:
+            continue
+        open_ = _next_code_char(source, m.end(), "{;")
+        if open_ < 0 or source[open_] != "{":
+            continue                    # a declaration
+        close = _matching_brace(source, open_)
+        if close < 0 or m.group(1) in spans:
+            return {}
+        spans[m.group(1)] = (m.start(), close + 1)
+    return spans
+
+
+def _scan(source: str, start: int):
+    """(position, char) of the code characters from ``start`` (comments, strings and
+    character literals skipped)."""
+    i, n = start, len(source)
+    while i < n:
+        if source.startswith("//", i):
+            j = source.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if source.startswith("/*", i):
+            j = source.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        c = source[i]
+        if c in "\"'":
+            j = i + 1
+            while j < n and source[j] != c:
+                j += 2 if source[j] == "\\" else 1
+            i = j + 1
+            continue
+        yield i, c
+        i += 1
+
+
+def _next_code_char(source: str, start: int, chars: str) -> int:
+    for i, c in _scan(source, start):
+        if c in chars:
+            return i
+    return -1
+
+
+def _matching_brace(source: str, open_: int) -> int:
+    depth = 0
+    for i, c in _scan(source, open_):
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def _without(source: str, spans) -> str:
+    out, at = [], 0
+    for a, b in sorted(spans):
+        out.append(source[at:a])
+        at = b
+    out.append(source[at:])
+    return "".join(out)
+
+
+_CUDA_INCLUDE = re.compile(r"\s*#\s*include\s*[<\"](?:" +
+                           "|".join(re.escape(h) for h in CUDA_HEADERS) + r")[>\"]\s*$")
+
+
+def _strip_comment_lines(text: str) -> str:
+    """``text`` without its whole-line // comments (what names the net or a kernel's
+    tile choice, not code), blank lines, and includes of the CUDA headers (emulate.h,
+    included first, stands for all of them)."""
+    return "".join(ln + "\n" for ln in text.splitlines()
+                   if ln.strip() and not ln.lstrip().startswith("//")
+                   and not _CUDA_INCLUDE.match(ln))
 
 
 def _run_compiler(cmd: list[str], cxx: str) -> None:
