@@ -154,6 +154,8 @@ struct SharedVar { const void *key; void *ptr; };
 struct Worker {
     Launch *L = nullptr;
     Fiber *fibers = nullptr;
+    char *pool = nullptr;          // the fibers' stacks
+    size_t pool_bytes = 0;
     int nalloc = 0;
     int n = 0;                     // threads of the current block
     int cur = 0;
@@ -176,6 +178,8 @@ struct Worker {
 };
 
 constexpr size_t STACK_SIZE = 256 * 1024;
+constexpr size_t CANARY = 64;                  // bytes at the bottom of each fiber stack
+constexpr unsigned char CANARY_BYTE = 0xc5;
 constexpr size_t STATIC_SMEM = 48 * 1024;      // the static shared memory limit of CUDA
 constexpr size_t MAX_SMEM = 227 * 1024;        // static + dynamic, opt-in maximum (sm_90)
 constexpr size_t DYN_GUARD = 4096;
@@ -270,6 +274,7 @@ namespace __emu {
 inline void fiber_entry();
 
 inline void fiber_reset(Fiber &f) {
+    std::memset(f.stack, CANARY_BYTE, CANARY);
     uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + f.stack_size) & ~uintptr_t(15);
 #if defined(__x86_64__)
     // popped by __emu_swap: r15 r14 r13 r12 rbx rbp, then `ret` into fiber_entry with
@@ -457,26 +462,30 @@ inline T &shared_var(const void *key) {
 inline unsigned char *dynamic_smem() { return t_worker->dyn_smem; }
 
 // ---- running a launch --------------------------------------------------------------
-inline void *map_stack(size_t size) {
-    long page = sysconf(_SC_PAGESIZE);
-    void *p = mmap(nullptr, size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
-    if (p == MAP_FAILED) return nullptr;
-    mprotect(p, page, PROT_NONE);       // overflowing a fiber's stack faults
-    return static_cast<char *>(p) + page;
-}
+// All fiber stacks of a worker in one mapping (two memory areas, however many threads):
+// an inaccessible page below the lowest, and a canary at the bottom of each, checked
+// after every block (a thread whose locals outgrow its stack is reported).
 
 inline bool worker_prepare(Worker *w, int n, size_t smem, char *err, size_t cap) {
     if (w->nalloc < n) {
-        Fiber *nf = new Fiber[n];
-        for (int i = 0; i < w->nalloc; i++) nf[i] = w->fibers[i];
-        for (int i = w->nalloc; i < n; i++) {
-            nf[i].stack = static_cast<char *>(map_stack(STACK_SIZE));
-            nf[i].stack_size = STACK_SIZE;
-            if (!nf[i].stack) { std::snprintf(err, cap, "out of memory for fiber stacks"); return false; }
+        size_t page = size_t(sysconf(_SC_PAGESIZE));
+        size_t bytes = page + size_t(n) * STACK_SIZE;
+        void *p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            std::snprintf(err, cap, "out of memory for the stacks of %d threads", n);
+            return false;
         }
+        mprotect(p, page, PROT_NONE);
+        if (w->pool) munmap(w->pool, w->pool_bytes);
+        w->pool = static_cast<char *>(p);
+        w->pool_bytes = bytes;
         delete[] w->fibers;
-        w->fibers = nf;
+        w->fibers = new Fiber[n];
+        for (int i = 0; i < n; i++) {
+            w->fibers[i].stack = w->pool + page + size_t(i) * STACK_SIZE;
+            w->fibers[i].stack_size = STACK_SIZE;
+        }
         w->nalloc = n;
     }
     if (!w->static_smem) w->static_smem = static_cast<unsigned char *>(std::aligned_alloc(256, STATIC_SMEM));
@@ -560,6 +569,21 @@ inline bool run_block(Worker *w, long long b) {
             return false;
         }
     }
+    for (int i = 0; i < n; i++) {
+        uint64_t c[CANARY / 8], want;
+        std::memcpy(c, w->fibers[i].stack, CANARY);
+        std::memset(&want, CANARY_BYTE, 8);
+        for (size_t j = 0; j < CANARY / 8; j++)
+            if (c[j] != want) {
+                char msg[256];
+                Fiber &f = w->fibers[i];
+                std::snprintf(msg, sizeof msg, "block (%u,%u,%u) thread (%u,%u,%u): stack "
+                              "overflow (the thread's locals exceed %zu KiB)", bi.x, bi.y, bi.z,
+                              f.tid.x, f.tid.y, f.tid.z, STACK_SIZE / 1024);
+                record_error(L, msg);
+                return false;
+            }
+    }
     for (size_t i = 0; i < DYN_GUARD; i++)
         if (w->dyn_smem[L->smem + i] != 0xff) {
             char msg[256];
@@ -593,7 +617,7 @@ inline void on_fault(int sig, siginfo_t *si, void *) {
     uintptr_t a = reinterpret_cast<uintptr_t>(si->si_addr);
     uintptr_t lo = reinterpret_cast<uintptr_t>(f.stack);
     char msg[512];
-    if (a < lo && a + 65536 >= lo)
+    if (a < lo && a + (1u << 20) >= lo)
         std::snprintf(msg, sizeof msg, "block (%u,%u,%u) thread (%u,%u,%u): stack overflow "
                       "(the thread's locals exceed %zu KiB)", w->block_idx.x, w->block_idx.y,
                       w->block_idx.z, f.tid.x, f.tid.y, f.tid.z, f.stack_size / 1024);
