@@ -3,6 +3,9 @@ on kernels written here against numpy, the faults a GPU would report, and whole
 programs from the CUDA code generator against the reference executor."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -11,6 +14,10 @@ from graphc.codegen.cuda.program import Arg, CudaProgram, Launch
 from graphc.codegen.llvm.lower import NodeInfo, TensorInfo
 from graphc.errors import GraphcError
 from graphc.runtime.testing import rel_l2
+
+if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("the CUDA emulator needs a C++20 compiler (g++, or set CXX)",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
