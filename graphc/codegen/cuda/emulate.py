@@ -14,11 +14,13 @@ not match the kernel's parameters, and everything emulate.h checks inside a laun
 (divergent or deadlocked barriers, bad warp masks, misaligned accesses, fixed-bound array
 indices, shared memory overruns, stack overflows).
 
-Compiling needs a C++20 compiler (g++ or $CXX); each distinct source is built once into
-the graphc cache ($GRAPHC_CACHE, else ~/.cache/graphc) under cuda-emu/.
+Compiling needs a C++20 compiler (g++ or $CXX); each kernel is built once into the graphc
+cache ($GRAPHC_CACHE, else ~/.cache/graphc) under cuda-emu/, and programs that share a
+kernel share its build.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import hashlib
 import mmap
@@ -72,13 +74,11 @@ _EXTERN_SHARED = re.compile(
 _ALIGN_N = re.compile(r"__align__\s*\(\s*(\d+)\s*\)")
 
 
-def _depth_at(source: str):
-    """A function: position -> brace depth there (comments and strings ignored)."""
-    marks = []
-    depth = 0
-    i, n = 0, len(source)
+def _scan(source: str, start: int):
+    """(position, char) of the code characters from ``start`` (comments, strings and
+    character literals skipped)."""
+    i, n = start, len(source)
     while i < n:
-        c = source[i]
         if source.startswith("//", i):
             j = source.find("\n", i)
             i = n if j < 0 else j
@@ -87,23 +87,27 @@ def _depth_at(source: str):
             j = source.find("*/", i + 2)
             i = n if j < 0 else j + 2
             continue
+        c = source[i]
         if c in "\"'":
             j = i + 1
             while j < n and source[j] != c:
                 j += 2 if source[j] == "\\" else 1
             i = j + 1
             continue
-        if c == "{":
-            depth += 1
-            marks.append((i, depth))
-        elif c == "}":
-            depth -= 1
-            marks.append((i, depth))
+        yield i, c
         i += 1
+
+
+def _depth_at(source: str):
+    """A function: position -> brace depth there (comments and strings ignored)."""
+    marks, depth = [], 0
+    for i, c in _scan(source, 0):
+        if c in "{}":
+            depth += 1 if c == "{" else -1
+            marks.append((i, depth))
     starts = [m[0] for m in marks]
 
     def at(pos: int) -> int:
-        import bisect
         k = bisect.bisect_left(starts, pos)
         return marks[k - 1][1] if k else 0
     return at
@@ -357,30 +361,6 @@ def _kernel_spans(source: str) -> dict[str, tuple[int, int]]:
     return spans
 
 
-def _scan(source: str, start: int):
-    """(position, char) of the code characters from ``start`` (comments, strings and
-    character literals skipped)."""
-    i, n = start, len(source)
-    while i < n:
-        if source.startswith("//", i):
-            j = source.find("\n", i)
-            i = n if j < 0 else j
-            continue
-        if source.startswith("/*", i):
-            j = source.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-            continue
-        c = source[i]
-        if c in "\"'":
-            j = i + 1
-            while j < n and source[j] != c:
-                j += 2 if source[j] == "\\" else 1
-            i = j + 1
-            continue
-        yield i, c
-        i += 1
-
-
 def _next_code_char(source: str, start: int, chars: str) -> int:
     for i, c in _scan(source, start):
         if c in chars:
@@ -590,7 +570,7 @@ def run_program(program: CudaProgram, inputs: dict[str, np.ndarray], *,
                               f"for {tuple(t.shape)}", hint="recompile for this shape")
         _check_range(program, "input", t.name, t.offset, x.nbytes, arena.nbytes)
         arena.data[t.offset:t.offset + x.nbytes] = np.ascontiguousarray(x).view(np.uint8).ravel()
-    signatures: dict[str, str] = {}
+    signatures: dict[str, list] = {}
     for i, ln in enumerate(program.launches):
         layer, op = _layer_of(program, ln.node)
         where = f"launch {i} (kernel '{ln.kernel}')"
@@ -636,7 +616,7 @@ def _check_range(program, what, name, offset, nbytes, size):
                           f"[{offset}, {offset + nbytes}) lies outside the {size}-byte arena")
 
 
-def _resolve(args: list[Arg], sig: str, arena: _Guarded, weights: _Guarded, where, layer, op):
+def _resolve(args: list[Arg], sig: list, arena: _Guarded, weights: _Guarded, where, layer, op):
     def err(msg):
         return GraphcError(f"{where}: {msg}", layer=layer, layer_type=op)
     if len(args) != len(sig):
