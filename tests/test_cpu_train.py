@@ -73,8 +73,8 @@ def labels(rng, n, classes=10):
 
 def test_conv_pool_relu_ip_softmax(tmp_path, rng):
     """Convolution (pad, stride 2, groups, bias) -> MAX pooling with overlapping windows
-    (keeps its argmax) -> ReLU -> LRN across channels -> Convolution (1x2) -> AVE pooling
-    (padded) ->
+    (keeps its argmax) -> ReLU -> LRN across channels -> Convolution (1x2) -> Convolution
+    (1x1: the image is its own columns) -> AVE pooling (padded) ->
     InnerProduct -> SoftmaxWithLoss; the data gradient of a convolution is exercised by
     the second one."""
     n = int(rng.integers(2, 5))
@@ -88,7 +88,9 @@ layer { name: "n1" type: "LRN" bottom: "p1" top: "n1"
   lrn_param { local_size: 5 alpha: 0.3 beta: 0.75 k: 2 } }
 layer { name: "c2" type: "Convolution" bottom: "n1" top: "c2"
   convolution_param { num_output: 5 kernel_h: 1 kernel_w: 2 } }
-layer { name: "p2" type: "Pooling" bottom: "c2" top: "p2"
+layer { name: "c3" type: "Convolution" bottom: "c2" top: "c3"
+  convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "p2" type: "Pooling" bottom: "c3" top: "p2"
   pooling_param { pool: AVE kernel_size: 2 stride: 1 pad: 1 } }
 layer { name: "ip" type: "InnerProduct" bottom: "p2" top: "ip"
   inner_product_param { num_output: 7 } }

@@ -22,7 +22,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ....ops.conv import Geometry
-from ..irutil import I32, fptr, get, i64, imin, load, loop, memset0, part_range, \
+from ..irutil import I32, fptr, get, i64, imin, load, loop, memcpy, memset0, part_range, \
     step_function, store, var
 from .conv import _dims, _make_im2col, _make_im2col_flat
 from .grad_linear import arena
@@ -53,23 +53,34 @@ def _direct(geo) -> bool:
     return KH == KW == SH == SW == 1 and PH == PW == 0
 
 
-def _im2col_image(k, b, src, dst, geo, C=None, dims=None) -> None:
-    """The columns (C*KH*KW x P, row-major) of the image at ``src`` into ``dst`` (the
-    geometry ``dims`` as conv._dims gives it, default that of ``geo``)."""
+#: images with fewer output pixels than this go into one GEMM together, side by side
+#: (up to MAX_GROUP of them): a wider product, its operands packed once for all of them
+BATCH_P = 256
+MAX_GROUP = 8
+
+
+def _group(pixels: int) -> int:
+    return max(1, min(MAX_GROUP, BATCH_P // max(pixels, 1)))
+
+
+def _im2col_image(k, b, src, dst, geo, C=None, dims=None, ld=None) -> None:
+    """The columns (C*KH*KW rows of P, ``ld`` apart; default P) of the image at ``src``
+    into ``dst`` (the geometry ``dims`` as conv._dims gives it, default that of ``geo``)."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = dims or _dims(geo)
     C = geo.channels if C is None else C
     P = OH * OW
+    ld = P if ld is None else ld
     if SH == SW == 1 and OW == W:
         fn = k.helper("gk_im2col_flat", _make_im2col_flat)
         with loop(b, 0, C, name="ch") as c:
             b.call(fn, [fptr(b, src, b.mul(c, i64(H * W))),
-                        fptr(b, dst, b.mul(c, i64(KH * KW * P))), i64(H), i64(W), i64(OH),
+                        fptr(b, dst, b.mul(c, i64(KH * KW * ld))), i64(H), i64(W), i64(OH),
                         i64(KH), i64(KW), i64(PH), i64(PW), i64(DH), i64(DW), i64(0), i64(P),
-                        i64(P)])
+                        i64(ld)])
     else:
         fn = k.helper(f"gk_im2col_sw{SW}", lambda mod, nm: _make_im2col(mod, nm, SW))
         b.call(fn, [src, dst, i64(C), i64(H), i64(W), i64(KH), i64(KW), i64(SH), i64(SW),
-                    i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), i64(0), i64(P), i64(P)])
+                    i64(PH), i64(PW), i64(DH), i64(DW), i64(OW), i64(0), i64(P), i64(ld)])
 
 
 def _transpose_inline(b, src, dst, rows: int, cols: int) -> None:
@@ -84,14 +95,38 @@ def _transpose_inline(b, src, dst, rows: int, cols: int) -> None:
                           b.add(b.mul(c, i64(rows)), r))
 
 
+def _move_rows(b, src, src_ld, dst, dst_ld, rows: int, length: int) -> None:
+    """dst[r, :length] = src[r, :length] for r < rows (leading dimensions in floats)."""
+    with loop(b, 0, rows, name="mr") as r:
+        memcpy(b, fptr(b, dst, b.mul(r, i64(dst_ld))), fptr(b, src, b.mul(r, i64(src_ld))),
+               4 * length)
+
+
 def _gemm_call(b, gemm, M, N, K, A, lda, B, ldb, C, ldc, accumulate, scratch, extra=()):
-    b.call(gemm, [i64(M), i64(N), i64(K), A, i64(lda), B, i64(ldb), C, i64(ldc),
+    def v(x):
+        return i64(x) if isinstance(x, int) else x
+    b.call(gemm, [v(M), v(N), v(K), A, v(lda), B, v(ldb), C, v(ldc),
                   ir.Constant(I32, int(accumulate)), i64(0), i64(1), scratch, *extra])
+
+
+def _image_groups(b, a, N: int, group: int):
+    """Loop over this part's images in groups of up to ``group``: yields (first image,
+    count) as IR values (a context manager over the group loop)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def cm():
+        lo, hi = part_range(b, N, a["part"], a["nparts"])
+        with loop(b, lo, hi, group, name="img0") as i0:
+            yield i0, imin(b, i64(group), b.sub(hi, i0))
+    return cm()
 
 
 def lower_forward(k, n) -> None:
     """y = W (*) x + b, the weights read from the live params: parts split the images;
-    per image, im2col into the part's scratch and one GEMM per group into y."""
+    a group of images (one, or several small ones side by side) gets its columns in the
+    part's scratch and one GEMM per conv group, into y (one image) or into scratch and
+    then moved into place."""
     from .epilogue import ProgramEpilogue
     x, y = n.inputs[0], n.outputs[0]
     geo, K, P, Og = _geo(n.attrs, k.shape(x))
@@ -100,25 +135,39 @@ def lower_forward(k, n) -> None:
     w = k.param_src(n.params[0])
     bias = k.param_src(n.params[1]) if len(n.params) > 1 else None
     direct = _direct(geo)
+    grp = 1 if direct else _group(P)
+    L = grp * P
     ws = k.gemm_workspace_bytes()
-    k.need_scratch(ws + (0 if direct else 4 * G * K * P))
+    cols_f = 0 if direct else G * K * L
+    k.need_scratch(ws + 4 * (cols_f + (O * L if grp > 1 else 0)))
     gemm = k.gemm(ProgramEpilogue([], "row", bias is not None))
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp, yp, wp = (k.ptr(b, a, s_) for s_ in (arena(k.loc(x)), arena(k.loc(y)), w))
     bp = k.ptr(b, a, bias) if bias is not None else None
     cols = fptr(b, a["scratch"], ws // 4)
-    lo, hi = part_range(b, N, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="img") as img:
-        src = fptr(b, xp, b.mul(img, i64(C * HW)))
+    cmat = fptr(b, a["scratch"], ws // 4 + cols_f)
+    with _image_groups(b, a, N, grp) as (i0, cnt):
         if not direct:
-            _im2col_image(k, b, src, cols, geo)
-        bmat = src if direct else cols
+            with loop(b, 0, cnt, name="ii") as ii:
+                src = fptr(b, xp, b.mul(b.add(i0, ii), i64(C * HW)))
+                _im2col_image(k, b, src, fptr(b, cols, b.mul(ii, i64(P))), geo, ld=L)
+        width = b.mul(cnt, i64(P))
         for g in range(G):
             extra = [fptr(b, bp, g * Og)] if bp is not None else []
-            _gemm_call(b, gemm, Og, P, K, fptr(b, wp, g * Og * K), K,
-                       fptr(b, bmat, g * K * P), P,
-                       fptr(b, yp, b.add(b.mul(img, i64(O * P)), i64(g * Og * P))), P, False,
-                       a["scratch"], extra)
+            if direct:
+                bmat = fptr(b, xp, b.add(b.mul(i0, i64(C * HW)), i64(g * K * P)))
+            else:
+                bmat = fptr(b, cols, g * K * L)
+            if grp == 1:
+                out, ldc = fptr(b, yp, b.add(b.mul(i0, i64(O * P)), i64(g * Og * P))), P
+            else:
+                out, ldc = fptr(b, cmat, g * Og * L), L
+            _gemm_call(b, gemm, Og, width, K, fptr(b, wp, g * Og * K), K, bmat,
+                       P if direct else L, out, ldc, False, a["scratch"], extra)
+        if grp > 1:
+            with loop(b, 0, cnt, name="ii") as ii:
+                _move_rows(b, fptr(b, cmat, b.mul(ii, i64(P))), L,
+                           fptr(b, yp, b.mul(b.add(i0, ii), i64(O * P))), P, O, P)
     b.ret_void()
     k.steps.append(_step(fn.name, k.node_index, N))
 
@@ -144,24 +193,31 @@ def lower_grad(k, n, parts) -> None:
         # part s of SPLIT: images [N*s/SPLIT, N*(s+1)/SPLIT) into partial s
         partial = k.temp(4 * SPLIT * G * K * Og, "partial")
         _zero_step(k, n.name + "_dw0", partial, SPLIT * G * K * Og)
-        cols_floats = 0 if direct else G * K * P
-        k.need_scratch(ws + 4 * (cols_floats + P * O))
+        grp = 1 if direct else _group(P)
+        L = grp * P
+        cols_f = 0 if direct else G * K * L
+        k.need_scratch(ws + 4 * (cols_f + L * O))
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_dw"))
         xp = k.ptr(b, a, arena(k.loc(parts.inputs[0])))
         gp, pp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(partial))
         cols = fptr(b, a["scratch"], ws // 4)
-        dyt = fptr(b, a["scratch"], ws // 4 + cols_floats)
+        dyt = fptr(b, a["scratch"], ws // 4 + cols_f)
         mine = fptr(b, pp, b.mul(a["part"], i64(G * K * Og)))
-        lo, hi = part_range(b, N, a["part"], a["nparts"])
-        with loop(b, lo, hi, name="img") as img:
-            src = fptr(b, xp, b.mul(img, i64(C * HW)))
-            if not direct:
-                _im2col_image(k, b, src, cols, geo)
-            _transpose_inline(b, fptr(b, gp, b.mul(img, i64(O * P))), dyt, O, P)
-            bmat = src if direct else cols
+        with _image_groups(b, a, N, grp) as (i0, cnt):
+            with loop(b, 0, cnt, name="ii") as ii:
+                img = b.add(i0, ii)
+                if not direct:
+                    _im2col_image(k, b, fptr(b, xp, b.mul(img, i64(C * HW))),
+                                  fptr(b, cols, b.mul(ii, i64(P))), geo, ld=L)
+                _transpose_inline(b, fptr(b, gp, b.mul(img, i64(O * P))),
+                                  fptr(b, dyt, b.mul(ii, i64(P * O))), O, P)
+            depth = b.mul(cnt, i64(P))
             for g in range(G):
-                _gemm_call(b, gemm, K, Og, P, fptr(b, bmat, g * K * P), P, fptr(b, dyt, g * Og),
-                           O, fptr(b, mine, g * K * Og), Og, True, a["scratch"])
+                amat = fptr(b, xp, b.add(b.mul(i0, i64(C * HW)), i64(g * K * P))) if direct \
+                    else fptr(b, cols, g * K * L)
+                _gemm_call(b, gemm, K, Og, depth, amat, P if direct else L,
+                           fptr(b, dyt, g * Og), O, fptr(b, mine, g * K * Og), Og, True,
+                           a["scratch"])
         b.ret_void()
         k.steps.append(Step(fn.name, k.node_index, SPLIT, 1 << 20))   # exactly SPLIT parts
         _reduce_partials(k, n.name + "_dwsum", partial, k.loc(parts.param_grads[0]), G, K, Og)
@@ -170,21 +226,33 @@ def lower_grad(k, n, parts) -> None:
     elif 0 in parts.input_grads:
         wt = k.temp(4 * G * K * Og, "wt")
         emit_transpose(k, n.name + "_wt", k.param_src(n.params[0]), arena(wt), G, Og, K)
-        k.need_scratch(ws + 4 * G * K * P)
+        grp = 1 if direct else _group(P)
+        L = grp * P
+        k.need_scratch(ws + 4 * (G * K * L + (O * L if grp > 1 else 0)))
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_dx"))
         gp, wtp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(wt))
         dxp = k.ptr(b, a, arena(k.loc(parts.input_grads[0])))
         dcols = fptr(b, a["scratch"], ws // 4)
-        lo, hi = part_range(b, N, a["part"], a["nparts"])
-        with loop(b, lo, hi, name="img") as img:
-            dst = fptr(b, dxp, b.mul(img, i64(C * HW)))
-            target = dst if direct else dcols
+        dyr = fptr(b, a["scratch"], ws // 4 + G * K * L)
+        with _image_groups(b, a, N, grp) as (i0, cnt):
+            if grp > 1:          # the group's dy side by side: (O x cnt*P)
+                with loop(b, 0, cnt, name="ii") as ii:
+                    _move_rows(b, fptr(b, gp, b.mul(b.add(i0, ii), i64(O * P))), P,
+                               fptr(b, dyr, b.mul(ii, i64(P))), L, O, P)
+                bsrc, ldb = dyr, L
+            else:
+                bsrc, ldb = fptr(b, gp, b.mul(i0, i64(O * P))), P
+            width = b.mul(cnt, i64(P))
             for g in range(G):
-                _gemm_call(b, gemm, K, P, Og, fptr(b, wtp, g * K * Og), Og,
-                           fptr(b, gp, b.add(b.mul(img, i64(O * P)), i64(g * Og * P))), P,
-                           fptr(b, target, g * K * P), P, False, a["scratch"])
+                target = fptr(b, dxp, b.add(b.mul(i0, i64(C * HW)), i64(g * K * P))) \
+                    if direct else fptr(b, dcols, g * K * L)
+                _gemm_call(b, gemm, K, width, Og, fptr(b, wtp, g * K * Og), Og,
+                           fptr(b, bsrc, g * Og * ldb), ldb, target, P if direct else L,
+                           False, a["scratch"])
             if not direct:
-                _col2im_image(b, dcols, dst, geo)
+                with loop(b, 0, cnt, name="ii") as ii:
+                    _col2im_image(b, fptr(b, dcols, b.mul(ii, i64(P))),
+                                  fptr(b, dxp, b.mul(b.add(i0, ii), i64(C * HW))), geo, ld=L)
         b.ret_void()
         k.steps.append(_step(fn.name, k.node_index, N))
 
@@ -207,7 +275,8 @@ def _flippable(geo) -> bool:
 def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
     """dx[n]_g (Cg x H*W) = W'_g (Cg x Og*KH*KW) @ im2col(dy[n]_g) (Og*KH*KW x H*W), where
     W'_g[c, (o, kh, kw)] = W[g*Og + o, c, KH-1-kh, KW-1-kw] (a step builds W' each pass).
-    A well-shaped product (its depth Og*KH*KW), written straight into dx: no col2im."""
+    A well-shaped product (its depth Og*KH*KW), written straight into dx (one image) or
+    moved there (small images side by side): no col2im."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
     Cg, KK, HW = C // G, KH * KW, H * W
@@ -226,23 +295,34 @@ def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
                 store(b, load(b, src, KK - 1 - t), dst, t)
     b.ret_void()
     k.add_step(fn.name, G * Cg * Og * KK)
-    # per image: im2col of dy (O channels, OH x OW, padded) then one GEMM per group
+    # per group of images: im2col of dy (O channels, OH x OW, padded), one GEMM per group
     dims = (OH, OW, KH, KW, 1, 1, KH - 1 - PH, KW - 1 - PW, 1, 1, H, W)
+    grp = _group(HW)
+    L = grp * HW
     ws = k.gemm_workspace_bytes()
-    k.need_scratch(ws + 4 * O * KK * HW)
+    k.need_scratch(ws + 4 * (O * KK * L + (C * L if grp > 1 else 0)))
     gemm = k.gemm(_plain())
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_dx"))
     gp, fp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(wf))
     dxp = k.ptr(b, a, arena(dx_off))
     cols = fptr(b, a["scratch"], ws // 4)
-    lo, hi = part_range(b, N, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="img") as img:
-        _im2col_image(k, b, fptr(b, gp, b.mul(img, i64(O * P))), cols, geo, C=O, dims=dims)
+    cmat = fptr(b, a["scratch"], ws // 4 + O * KK * L)
+    with _image_groups(b, a, N, grp) as (i0, cnt):
+        with loop(b, 0, cnt, name="ii") as ii:
+            _im2col_image(k, b, fptr(b, gp, b.mul(b.add(i0, ii), i64(O * P))),
+                          fptr(b, cols, b.mul(ii, i64(HW))), geo, C=O, dims=dims, ld=L)
+        width = b.mul(cnt, i64(HW))
         for g in range(G):
-            _gemm_call(b, gemm, Cg, HW, Og * KK, fptr(b, fp, g * Cg * Og * KK), Og * KK,
-                       fptr(b, cols, g * Og * KK * HW), HW,
-                       fptr(b, dxp, b.add(b.mul(img, i64(C * HW)), i64(g * Cg * HW))), HW,
-                       False, a["scratch"])
+            if grp == 1:
+                out, ldc = fptr(b, dxp, b.add(b.mul(i0, i64(C * HW)), i64(g * Cg * HW))), HW
+            else:
+                out, ldc = fptr(b, cmat, g * Cg * L), L
+            _gemm_call(b, gemm, Cg, width, Og * KK, fptr(b, fp, g * Cg * Og * KK), Og * KK,
+                       fptr(b, cols, g * Og * KK * L), L, out, ldc, False, a["scratch"])
+        if grp > 1:
+            with loop(b, 0, cnt, name="ii") as ii:
+                _move_rows(b, fptr(b, cmat, b.mul(ii, i64(HW))), L,
+                           fptr(b, dxp, b.mul(b.add(i0, ii), i64(C * HW))), HW, C, HW)
     b.ret_void()
     k.steps.append(_step(fn.name, k.node_index, N))
 
@@ -284,18 +364,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _col2im_image(b, cols, dst, geo) -> None:
+def _col2im_image(b, cols, dst, geo, ld=None) -> None:
     """dx of one image (C x H x W at ``dst``) from its column gradients (C*KH*KW x P at
     ``cols``): each plane zeroed, then every entry added to the pixel it was read from."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     C, P = geo.channels, OH * OW
+    ld = P if ld is None else ld
     with loop(b, 0, C, name="c") as c:
         plane = fptr(b, dst, b.mul(c, i64(H * W)))
         memset0(b, plane, 4 * H * W)
         for kh in range(KH):
             for kw in range(KW):
                 row = fptr(b, cols, b.mul(b.add(b.mul(c, i64(KH * KW)), i64(kh * KW + kw)),
-                                          i64(P)))
+                                          i64(ld)))
                 iw0, ih0 = kw * DW - PW, kh * DH - PH
                 # output positions whose input position o*S + i0 is inside the image
                 ow_lo, ow_hi = max(0, _cdiv(-iw0, SW)), min(OW, (W - 1 - iw0) // SW + 1)
