@@ -467,6 +467,7 @@ def test_run_program_out_of_bounds_names_the_layer(rng, n, message):
 
 def test_run_program_wild_read(rng):
     prog, x, _ = _hand(rng, "read_before")
+    prog.launches[1].grid = (1, 1, 1)       # one block: thread 0 is the first to fault
     with pytest.raises(GraphcError, match=r"layer 'relu'.*block \(0,0,0\) thread \(0,0,0\): "
                                           r"invalid memory access at address 0x[0-9a-f]+ "
                                           r"\(\d+ bytes before the arena\)"):
