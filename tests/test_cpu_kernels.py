@@ -160,6 +160,34 @@ def test_convolution_of_one_pixel(tmp_path, rng):
     check(tmp_path, text, shapes, rng)
 
 
+@pytest.mark.parametrize("pin", ["1", "0", None])
+def test_thread_placement_modes(tmp_path, rng, monkeypatch, pin):
+    """GRAPHC_PIN=1 (threads pinned), 0 (left alone) and unset (workers step aside from
+    a CPU the pool uses): same results, run after run, with idle pauses between runs
+    (the workers fall asleep and are woken again)."""
+    import time
+    if pin is None:
+        monkeypatch.delenv("GRAPHC_PIN", raising=False)
+    else:
+        monkeypatch.setenv("GRAPHC_PIN", pin)
+    shapes = {"x": (1, 6, 15, 13)}
+    text = inputs_layer(shapes) + (
+        'layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { '
+        'num_output: 20 kernel_size: 3 pad: 1 } }\n'
+        'layer { name: "p" type: "Pooling" bottom: "c" top: "p" pooling_param { '
+        'pool: MAX kernel_size: 2 stride: 2 } }\n')
+    net = net_from_text(text, tmp_path, rng=rng)
+    x = rng.standard_normal(shapes["x"]).astype(np.float32)
+    want = net.forward(x=x)
+    cn = compile_graph(net.graph, num_threads=2)   # pinned where 2 CPUs are available
+    try:
+        for _ in range(3):
+            assert_close(cn.forward(x=x), want, 1e-4)
+            time.sleep(0.02)
+    finally:
+        cn.close()
+
+
 def test_convolution_1d_and_threads(tmp_path, rng):
     """A 1-D convolution, and the same results with 1 and 3 threads."""
     shapes = {"x": (2, 5, 17)}
