@@ -108,10 +108,13 @@ def test_time_command(tmp_path, capsys, rng):
 
 def test_compile_errors(tmp_path, capsys, monkeypatch):
     path = tmp_path / "net.prototxt"
-    path.write_text(NET.replace('type: "Softmax"', 'type: "ArgMax"'))
+    # BatchNorm with batch statistics: a training-time computation the backend refuses
+    path.write_text(NET.replace('type: "Softmax" bottom: "ip" top: "prob"',
+                                'type: "BatchNorm" bottom: "ip" top: "prob" '
+                                'batch_norm_param { use_global_stats: false }'))
     assert main(["compile", str(path), "-o", str(tmp_path / "x.so")]) == 1
     err = capsys.readouterr().err
-    assert "layer 'prob' (ArgMax)" in err and "hint:" in err and "Traceback" not in err
+    assert "layer 'prob' (BatchNorm)" in err and "hint:" in err and "Traceback" not in err
     assert not (tmp_path / "x.so").exists()
     path.write_text(NET)
     monkeypatch.setenv("CC", "/no/such/compiler")
