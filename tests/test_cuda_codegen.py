@@ -110,6 +110,10 @@ def other_net(rng) -> tuple[str, dict]:
                 lrn_param="local_size: 3 alpha: 0.2 beta: 0.5 norm_region: WITHIN_CHANNEL")
     t += _layer("lrn3", "LRN", ["other"], lrn_param="local_size: 3 alpha: 0.1 beta: 0.75")
     t += _layer("plrn", "Pooling", ["lrn3"], pooling_param="pool: MAX kernel_size: 3 stride: 2")
+    t += _layer("lrn4", "LRN", ["data"],
+                lrn_param="local_size: 3 alpha: 0.4 beta: 0.6 norm_region: WITHIN_CHANNEL")
+    t += _layer("plrn4", "Pooling", ["lrn4"],
+                pooling_param="pool: AVE kernel_size: 3 stride: 2 pad: 1")
     t += _layer("soft", "Softmax", ["data"])
     t += _layer("flat", "Flatten", ["pave"])
     t += _layer("softrows", "Softmax", ["flat"])
@@ -178,8 +182,8 @@ def test_other_kernels_match_reference(tmp_path, rng):
     program, got, want = _run(tmp_path, rng, text, shapes, "fp32")
     assert_close(got, want, TOL["fp32"])
     kinds = {ln.kernel.split("_")[1] for ln in program.launches}
-    assert {"pool", "lrn", "softmax", "copy", "deconv", "pw"} <= kinds, kinds
-    assert any(n.op == "LRN+Pooling" for n in program.nodes)
+    assert {"pool", "lrn", "lrnpool", "softmax", "copy", "deconv", "pw"} <= kinds, kinds
+    assert sum(n.op == "LRN+Pooling" for n in program.nodes) == 2
 
 
 # ---------------------------------------------------------------------------------------

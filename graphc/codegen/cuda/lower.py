@@ -19,8 +19,9 @@ Which kernel runs a node:
   depthwise and thin grouped convolutions: direct_conv.  A tail that cannot run on the
   anchor's elements (it reads a tensor of another shape) runs as a pointwise kernel over
   a temporary the anchor writes.
-* Deconvolution: deconv (gather).  Pooling: pool.  LRN: lrn; LRN + Pooling fused: lrn into
-  a temporary, then pool.  Softmax: softmax.  Elementwise ops and fused chains: pointwise.
+* Deconvolution: deconv (gather).  Pooling: pool.  LRN: lrn; LRN + Pooling fused:
+  lrn_pool (each pooled output normalizes its window's elements; STOCHASTIC pooling: lrn
+  into a temporary, then pool).  Softmax: softmax.  Elementwise ops and fused chains: pointwise.
 * Concat (unless its producers already wrote their slices: ``by_slices``), Slice, Crop,
   Tile and views the plan did not alias: copy (strided).
 """
@@ -295,9 +296,12 @@ def lower_node(k: CudaContext, n: Node) -> None:
         lower_anchored(k, n, body)
     elif first == "LRN" and len(body) == 2:
         x, y = n.inputs[0], n.outputs[0]
-        tmp = k.temp(4 * math.prod(k.shape(x)), "lrn")
-        lrn(k, body[0]["attrs"], k.loc(x), tmp, k.shape(x))
-        pool(k, body[1]["attrs"], tmp, [k.loc(y)], k.shape(x))
+        if body[1]["attrs"]["pool"] in ("MAX", "AVE"):
+            lrn_pool(k, body[0]["attrs"], body[1]["attrs"], k.loc(x), k.loc(y), k.shape(x))
+        else:
+            tmp = k.temp(4 * math.prod(k.shape(x)), "lrn")
+            lrn(k, body[0]["attrs"], k.loc(x), tmp, k.shape(x))
+            pool(k, body[1]["attrs"], tmp, [k.loc(y)], k.shape(x))
     elif n.op != "Fused" and first in SINGLE:
         {"Pooling": lower_pooling, "LRN": lower_lrn, "Softmax": lower_softmax,
          "Concat": lower_concat, "Slice": lower_slice, "Crop": lower_crop,
@@ -489,18 +493,37 @@ def lower_pooling(k: CudaContext, n: Node) -> None:
     pool(k, n.attrs, k.loc(n.inputs[0]), [k.loc(o) for o in n.outputs], k.shape(n.inputs[0]))
 
 
-def lrn(k: CudaContext, attrs: dict, x_off: int, y_off: int, shape) -> None:
-    region = attrs.get("norm_region", "ACROSS_CHANNELS")
+def _lrn_args(attrs: dict, shape) -> list[Arg]:
+    """C, H, W, local size, k, alpha / n, alpha, -beta (float32 as the reference)."""
     size = int(attrs["local_size"])
     alpha, beta = np.float32(attrs["alpha"]), np.float32(attrs["beta"])
+    _, C, H, W = shape
+    return [Arg("i32", C), Arg("i32", H), Arg("i32", W), Arg("i32", size),
+            Arg("f32", float(np.float32(attrs.get("k", 1.0)))),
+            Arg("f32", float(alpha / np.float32(size))), Arg("f32", float(alpha)),
+            Arg("f32", float(-beta))]
+
+
+def lrn(k: CudaContext, attrs: dict, x_off: int, y_off: int, shape) -> None:
+    region = attrs.get("norm_region", "ACROSS_CHANNELS")
     name = k.kernel("lrn", "lrn", (region,), region=region)
-    N, C, H, W = shape
-    total = N * C * H * W
-    k.launch_flat(name, total, [_a(x_off), _a(y_off), Arg("i32", C), Arg("i32", H),
-                                Arg("i32", W), Arg("i32", size),
-                                Arg("f32", float(np.float32(attrs.get("k", 1.0)))),
-                                Arg("f32", float(alpha / np.float32(size))),
-                                Arg("f32", float(alpha)), Arg("f32", float(-beta)),
+    total = math.prod(shape)
+    k.launch_flat(name, total, [_a(x_off), _a(y_off), *_lrn_args(attrs, shape),
+                                Arg("i64", total)])
+
+
+def lrn_pool(k: CudaContext, lattrs: dict, pattrs: dict, x_off: int, y_off: int,
+             shape) -> None:
+    """LRN then MAX / AVE pooling in one kernel (the normalized blob is never stored)."""
+    region = lattrs.get("norm_region", "ACROSS_CHANNELS")
+    kernel, stride, pad, out = pool_geometry(pattrs, shape)
+    method = pattrs["pool"]
+    name = k.kernel("lrn_pool", "lrnpool", (region, method), region=region, method=method)
+    total = shape[0] * shape[1] * out[0] * out[1]
+    k.launch_flat(name, total, [_a(x_off), _a(y_off), *_lrn_args(lattrs, shape),
+                                *[Arg("i32", v) for v in (out[0], out[1], kernel[0], kernel[1],
+                                                          stride[0], stride[1], pad[0],
+                                                          pad[1])],
                                 Arg("i64", total)])
 
 
