@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-import graphc
 from graphc.codegen.cuda import nvrtc
 from graphc.codegen.cuda.lower import lower_graph
 from graphc.codegen.cuda.tiles import SIMT_TILES, WMMA_TILES, choose_tile
@@ -127,7 +126,7 @@ def other_net(rng) -> tuple[str, dict]:
     t += _layer("deconv", "Deconvolution", ["pmax"],
                 convolution_param="num_output: 3 kernel_size: 4 stride: 2 pad: 1")
     t += _layer("deconv2", "Deconvolution", ["pave"],
-                convolution_param=f"num_output: 4 kernel_size: 3 stride: 1 group: 2")
+                convolution_param="num_output: 4 kernel_size: 3 stride: 1 group: 2")
     t += _layer("emax", "Eltwise", ["data", "other"], eltwise_param="operation: MAX")
     t += _layer("eprod", "Eltwise", ["data", "other", "data"], eltwise_param="operation: PROD")
     t += _layer("esum", "Eltwise", ["data", "other"], eltwise_param="coeff: 0.5 coeff: -2")
