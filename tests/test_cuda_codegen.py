@@ -301,6 +301,8 @@ def test_bad_precision(tmp_path, rng):
     net = net_from_text(text, tmp_path, rng=rng)
     with pytest.raises(GraphcError, match="precision 'fp8'"):
         lower_graph(run_pipeline(net.graph), precision="fp8", compile=False)
+    with pytest.raises(GraphcError, match="needs tensor cores of sm_80"):
+        lower_graph(run_pipeline(net.graph), "sm_75", "tf32", compile=False)
 
 
 # ---------------------------------------------------------------------------------------

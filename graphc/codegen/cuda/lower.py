@@ -630,6 +630,14 @@ def generate(g: Graph, arch: str = "sm_90", precision: str = "tf32",
                           hint="tf32 (default): fp32 data, TF32 tensor-core products; fp32: "
                                "exact IEEE single precision; fp16/bf16: half-precision "
                                "products with fp32 accumulation")
+    from .nvrtc import parse_arch
+    number, _ = parse_arch(arch)
+    need = {"tf32": 80, "bf16": 80, "fp16": 70}.get(precision, 0)
+    if number < need:
+        raise GraphcError(f"precision {precision} needs tensor cores of sm_{need} or newer; "
+                          f"{arch} has none for it",
+                          hint="use precision fp32 (or fp16 on sm_70+) for this GPU, or a "
+                               "newer --arch")
     check_supported(g)
     plan = plan or plan_memory(g)
     k = CudaContext(g, plan, arch, precision)
