@@ -157,10 +157,14 @@ extern "C" __global__ void barrier_deadlock(float *out) {
 }
 extern "C" __global__ void shfl_exited(float *out) {
     if (threadIdx.x >= 16) return;
-    out[threadIdx.x] = __shfl_sync(0xffffffffu, 1.0f, 0);
+    out[threadIdx.x] = __shfl_sync(0xffffffffu, float(threadIdx.x), threadIdx.x ^ 20);
 }
 extern "C" __global__ void shfl_partial_warp(float *out) {
-    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+extern "C" __global__ void shfl_mask_mismatch(float *out) {
+    out[threadIdx.x] = threadIdx.x < 16 ? __shfl_sync(0xffffffffu, 1.0f, 0)
+                                        : __shfl_sync(0xffff0000u, 2.0f, 16);
 }
 extern "C" __global__ void misaligned(float *out) {
     *reinterpret_cast<float4 *>(out + 1) = make_float4(1.0f, 2.0f, 3.0f, 4.0f);
@@ -190,7 +194,7 @@ extern "C" __global__ void wmma_unaligned(const float *A, float *C) {
 KERNEL_NAMES = ["vadd", "block_sum", "warp_reduce", "atomics", "gemm_tf32", "gemm_f16",
                 "gemm_bf16", "convert", "scale_bias"]
 FAULT_NAMES = ["shared_index", "divergent_barrier", "barrier_deadlock", "shfl_exited",
-               "shfl_partial_warp", "misaligned", "missing_sync", "dyn_overrun", "trap",
+               "shfl_partial_warp", "shfl_mask_mismatch", "misaligned", "missing_sync", "dyn_overrun", "trap",
                "wmma_unaligned"]
 
 
@@ -366,8 +370,8 @@ def test_scalar_arguments_and_dynamic_shared_memory(kernels, rng):
                                      "block waits at the __syncthreads of line 3 (a barrier in "
                                      "divergent code)"),
     ("barrier_deadlock", 64, 0, [], "deadlock"),
-    ("shfl_exited", 32, 0, [], "exits while lane 0 of its warp waits for it"),
-    ("shfl_partial_warp", 48, 0, [], "names lanes that do not exist"),
+    ("shfl_mask_mismatch", 32, 0, [], "thread (16,0,0): __shfl_sync with mask 0xffff0000 "
+                                      "while lane 0 waits in one with mask 0xffffffff"),
     ("misaligned", 1, 0, [], "misaligned:2: misaligned access of 'struct float4'"),
     ("dyn_overrun", 64, 128, [("i", 64)], "wrote past the 128 bytes of dynamic shared memory"),
     ("trap", 32, 0, [], "thread (3,0,0): __trap()"),
@@ -379,6 +383,17 @@ def test_faults_a_gpu_reports(faults, kernel, block, smem, extra, message):
     with pytest.raises(GraphcError, match="kernel '" + kernel) as e:
         faults.launch(kernel, (1,), (block,), smem, args + extra)
     assert message in str(e.value)
+
+
+def test_lanes_that_exited_or_do_not_exist_take_no_part(faults):
+    # CUDA: the non-exited lanes named in the mask must all call; a shuffle reading an
+    # exited lane gets an undefined value (the poison here)
+    out = dev(np.zeros(64, np.float32))
+    faults.launch("shfl_exited", (1,), (32,), 0, [P(out)])
+    assert np.isnan(out[:16]).all() and (out[16:] == 0).all()
+    # a partial last warp: lanes 32..47 exchange among themselves
+    faults.launch("shfl_partial_warp", (1,), (48,), 0, [P(out)])
+    np.testing.assert_array_equal(out[:48], np.arange(48) ^ 1)
 
 
 def test_missing_syncthreads_reads_poison(faults):

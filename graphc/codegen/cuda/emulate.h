@@ -374,7 +374,10 @@ inline void warp_release(Worker *w, int warp, unsigned group) {
         if (!(group >> l & 1)) continue;
         Fiber &f = lanes[l];
         switch (f.wop) {
-        case WOP_SHFL: std::memcpy(f.out, lanes[f.src].slot, sizeof f.out); break;
+        case WOP_SHFL:      // from a lane that does not take part: undefined, so poison
+            if (group >> f.src & 1) std::memcpy(f.out, lanes[f.src].slot, sizeof f.out);
+            else std::memset(f.out, 0xff, sizeof f.out);
+            break;
         case WOP_BALLOT: std::memcpy(f.out, &ballot, 4); break;
         case WOP_ALL: std::memcpy(f.out, &all, 4); break;
         case WOP_ANY: std::memcpy(f.out, &any, 4); break;
@@ -385,11 +388,14 @@ inline void warp_release(Worker *w, int warp, unsigned group) {
     w->warps[warp].arrived &= ~group;
 }
 
+// Lanes named in a mask that do not exist (a partial last warp) or have exited do not
+// take part (CUDA: "all non-exited threads named in mask must execute the same
+// intrinsic"); a shuffle reading one of them gets the poison.
 inline void check_warp(Worker *w, int warp) {
     WarpState &ws = w->warps[warp];
     for (int l = 0; l < 32; l++) {
         if (!(ws.arrived >> l & 1)) continue;
-        unsigned need = w->fibers[warp * 32 + l].mask;
+        unsigned need = w->fibers[warp * 32 + l].mask & ws.exists & ~ws.exited;
         if ((ws.arrived & need) == need) { warp_release(w, warp, need); }
     }
 }
@@ -400,12 +406,13 @@ inline void warp_op(const char *what, unsigned mask, int wop) {
     WarpState &ws = w->warps[f.warp];
     if (!(mask >> f.lane & 1))
         fail("%s with mask 0x%08x that leaves out the calling lane %d", what, mask, f.lane);
-    if (mask & ~ws.exists)
-        fail("%s with mask 0x%08x names lanes that do not exist (warp %d has lanes 0x%08x: "
-             "the block size is not a multiple of 32)", what, mask, f.warp, ws.exists);
-    if (mask & ws.exited)
-        fail("%s with mask 0x%08x names lanes that have exited (0x%08x)", what, mask,
-             mask & ws.exited);
+    for (int l = 0; l < 32; l++) {       // a lane waiting with another mask: divergent code
+        const Fiber &o = w->fibers[f.warp * 32 + l];
+        if ((ws.arrived >> l & 1) && ((mask >> l & 1) || (o.mask >> f.lane & 1)) &&
+            (o.mask & ws.exists) != (mask & ws.exists))
+            fail("%s with mask 0x%08x while lane %d waits in one with mask 0x%08x", what, mask,
+                 l, o.mask);
+    }
     f.mask = mask;
     f.wop = wop;
     f.wait = WAIT_WARP;
@@ -416,15 +423,8 @@ inline void warp_op(const char *what, unsigned mask, int wop) {
 
 inline void on_exit(Worker *w, Fiber &f) {
     w->nexited++;
-    WarpState &ws = w->warps[f.warp];
-    ws.exited |= 1u << f.lane;
-    for (int l = 0; l < 32; l++) {
-        if (!(ws.arrived >> l & 1)) continue;
-        Fiber &o = w->fibers[f.warp * 32 + l];
-        if (o.mask >> f.lane & 1)
-            fail("exits while lane %d of its warp waits for it in a warp-synchronous "
-                 "intrinsic (mask 0x%08x)", l, o.mask);
-    }
+    w->warps[f.warp].exited |= 1u << f.lane;
+    check_warp(w, f.warp);          // lanes waiting for this one go on without it
     check_block_barrier(w);
 }
 
