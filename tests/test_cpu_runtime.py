@@ -259,6 +259,32 @@ def test_thread_counts(small, monkeypatch):
         graphc.load(lib_path)
 
 
+@pytest.mark.parametrize("spin", ["0", "50", "2000"])
+def test_spin_times(small, monkeypatch, spin):
+    """GRAPHC_SPIN_US: workers that sleep at once (0), after a short spin, or after the
+    default 2 ms give the same results, with idle pauses longer than the spin between
+    runs (each run wakes a sleeping worker) and runs back to back."""
+    import time
+    net, lib_path, x = small
+    want = graphc.load(lib_path, num_threads=1).forward(data=x)["prob"]
+    monkeypatch.setenv("GRAPHC_SPIN_US", spin)
+    cn = graphc.load(lib_path, num_threads=3)
+    for i in range(40):
+        np.testing.assert_array_equal(cn.forward(data=x)["prob"], want)
+        if i % 8 == 0:
+            time.sleep(0.005)
+    cn.close()
+
+
+def test_spin_time_errors(small, monkeypatch):
+    net, lib_path, x = small
+    for bad in ("-1", "2ms", "5000000"):
+        monkeypatch.setenv("GRAPHC_SPIN_US", bad)
+        with pytest.raises(GraphcError, match=f"GRAPHC_SPIN_US={bad} is not a number of "
+                                              "microseconds"):
+            graphc.load(lib_path)
+
+
 # ---------------------------------------------------------------------------------------
 # weights, cache, linking
 
