@@ -42,10 +42,13 @@ CONV = [
     ((256, 3136, 2304), "VGG-16 conv3_2 3x3, 256->256, 56x56"),
     ((512, 784, 4608), "VGG-16 conv4_2 3x3, 512->512, 28x28"),
 ]
-NOTES = """## Notes (measured while tuning on this machine)
+NOTES = """## Notes from tuning
 
-* numpy's OpenBLAS (a `Haswell` DYNAMIC_ARCH build) runs 256-bit kernels here, so it is
-  bounded by the 256-bit peak; compare it with the `avx2` column.
+Measured on a Zen 5 machine with AVX-512, where the 256-bit kernel is the `avx2` column (on
+an AVX2 host it is `native`):
+
+* numpy's OpenBLAS (a `Haswell` DYNAMIC_ARCH build) runs 256-bit kernels there, so it is
+  bounded by the 256-bit peak; compare it with the 256-bit kernel.
 * Tile choice on Zen5 (AVX-512): 8x32 (16 zmm accumulators) measured better than 14x32,
   8x48, 16x16 and 4x64, on the squares and the conv shapes alike; on AVX2 the classic 6x16.
 * Where the kernels lose time: packing B costs ~0.1 ns per element, paid back over only
