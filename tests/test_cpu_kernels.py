@@ -4,6 +4,8 @@ compiled library); the runtime NaN-fills the arena and scratch before every run
 (GRAPHC_POISON), so an output element no kernel writes fails the comparison."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -145,6 +147,55 @@ def test_depthwise(tmp_path, rng, geom, shape):
         f'num_output: {shape[1]} group: {shape[1]} {geom} }} }}\n'
         'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n')
     check(tmp_path, text, shapes, rng)
+
+
+@pytest.mark.parametrize("cpu", ["generic", "native"])
+def test_convolution_gathered_b(tmp_path, rng, cpu):
+    """Stride-1 convolutions read B straight from the zero-padded image (no im2col):
+    output widths just below, at and above one and two vectors, so vectors of pixels
+    cross image rows at every lane; dilation, a non-square kernel, no padding, groups, a
+    K longer than one cache block, a fused residual add and 2 images.  Checks that
+    the gathered path is the one compiled (its offset tables are in the module)."""
+    from graphc.codegen.llvm import gemm, jit
+    from graphc.codegen.llvm.lower import lower_graph
+    from graphc.passes import run_pipeline
+    vw = gemm.default_config(jit.target(cpu)).vw
+    layers, shapes = "", {}
+    for i, w in enumerate([vw - 1, vw, vw + 1, 2 * vw - 1, 2 * vw + 3]):
+        shapes[f"x{i}"] = (1, 6, 5, w)
+        geom = ["kernel_size: 3 pad: 1", "kernel_size: 3 pad: 2 dilation: 2",
+                "kernel_h: 1 kernel_w: 3 pad_w: 1", "kernel_size: 3 pad: 1 group: 2",
+                "kernel_size: 2"][i]
+        layers += (f'layer {{ name: "c{i}" type: "Convolution" bottom: "x{i}" top: "c{i}" '
+                   f'convolution_param {{ num_output: 10 {geom} }} }}\n')
+    shapes["y"] = (2, 40, 50, vw + 2)   # K = 360: two K blocks; P > BATCH_P: image by image
+    layers += ('layer { name: "d" type: "Convolution" bottom: "y" top: "d" '
+               'convolution_param { num_output: 40 kernel_size: 3 pad: 1 } }\n'
+               'layer { name: "s" type: "Eltwise" bottom: "d" bottom: "y" top: "s" }\n'
+               'layer { name: "r" type: "ReLU" bottom: "s" top: "s" }\n')
+    text = inputs_layer(shapes) + layers
+    check(tmp_path, text, shapes, rng, threads=2, cpu=cpu)
+    net = net_from_text(text, tmp_path, rng=rng)
+    ir_text = lower_graph(run_pipeline(net.graph), cpu).ir
+    gathered = set(re.findall(r'@"?gk_s\d+_(\w+?)_gather_rows"? = internal', ir_text))
+    assert gathered == {"c0", "c1", "c2", "c3", "c4", "d_s_r"}, gathered
+
+
+def test_gather_vectors():
+    """bvecs: each vector of columns as at most two runs; None where a vector needs more."""
+    from graphc.codegen.llvm import gemm
+    cfg = gemm.GemmConfig(vw=4, mr=2, nv=2, kc=8, mc=4, nc=16)
+    oh, ow = np.divmod(np.arange(10), 5)            # a 2 x 5 output, rows 7 apart
+    v = gemm.gather_vectors(oh * 7 + ow, cfg).reshape(-1, 3)
+    assert v.shape == (4, 3)                         # two whole 8-column panels
+    lanes = np.arange(4)
+    offs = np.concatenate([np.where(lanes < s, b0, b1) + lanes for b0, b1, s in v])
+    np.testing.assert_array_equal(offs[:10], oh * 7 + ow)
+    np.testing.assert_array_equal(v[1], [4, 6, 1])  # lane 0 at 4; lanes 1-3 at 6 + lane (row 1)
+    np.testing.assert_array_equal(v[3], [0, 0, 4])  # past the end: offset 0
+    oh, ow = np.divmod(np.arange(12), 3)             # rows of 3: any 4 columns in two runs
+    assert gemm.gather_vectors(oh * 4 + ow, cfg) is not None
+    assert gemm.gather_vectors(np.arange(12) * 2, cfg) is None   # rows of 1: four runs
 
 
 def test_convolution_of_one_pixel(tmp_path, rng):

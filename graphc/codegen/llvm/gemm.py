@@ -34,6 +34,17 @@ an im2col writing those panels directly, one NR-pixel panel per item, was slower
 im2col + packing: its per-row set-up is paid 64 times as often; the convolutions keep
 packing B.)
 
+Gathered B (``gathered_b=True``, convolution without im2col): B is not a matrix but
+read out of a (padded) input image: element (k, j) is ``B[brows[k] + off(j)]``, where
+``brows`` (int32, one per row of B) holds each row's offset, and ``off`` is given per
+vector of VW columns by ``bvecs`` (int32 triples ``base0, base1, split``): lanes below
+``split`` read at ``base0 + lane``, the others at ``base1 + lane`` -- the output pixels of
+a stride-1 convolution are at most two runs of one padded image row per vector, so the
+packing reads two vectors and blends them, with no column matrix written and read
+again.  ``bvecs`` covers whole NR panels (entries past N may point anywhere readable;
+their columns are not stored); ldb is unused; the two tables are the arguments after
+``workspace``.  :func:`gather_vectors` builds ``bvecs``.
+
 Threading: ``gemm(..., part, nparts, workspace)`` computes the slice of C that belongs
 to ``part`` (whole MR-tiles of rows or NR-tiles of columns, whichever split gives the
 busiest part less work, packing included) with its own packing workspace of
@@ -133,6 +144,35 @@ def k_block(k: int, config: GemmConfig) -> int:
     blocks as KC allows, of equal size rounded up to the unroll."""
     nblocks = max(1, -(-k // config.kc))
     return _round_up(-(-k // nblocks), config.unroll)
+
+
+def gather_vectors(offsets: np.ndarray, config: GemmConfig) -> np.ndarray | None:
+    """``bvecs`` of a gathered B (see the module doc) whose column j is read at
+    ``offsets[j]``: (base0, base1, split) per vector of VW columns, over whole NR panels
+    (columns past the end read at offset 0); None where some vector of columns is not
+    two runs of consecutive offsets."""
+    vw, n = config.vw, len(offsets)
+    nvec = -(-max(n, 1) // config.nr) * config.nr // vw
+    out = np.zeros((nvec, 3), np.int64)
+    out[:, 2] = vw
+    lanes = np.arange(vw)
+    for v in range(nvec):
+        seg = np.asarray(offsets[v * vw:(v + 1) * vw], np.int64)
+        if len(seg) == 0:
+            continue
+        step = np.flatnonzero(np.diff(seg) != 1)
+        if len(step) > 1:
+            return None
+        split = int(step[0]) + 1 if len(step) else vw
+        base0 = int(seg[0])
+        base1 = int(seg[split]) - split if split < len(seg) else base0
+        if base1 < 0 or not np.array_equal(np.where(lanes[:len(seg)] < split, base0, base1)
+                                           + lanes[:len(seg)], seg):
+            return None
+        out[v] = (base0, base1, split)
+    if out.max(initial=0) >= 2 ** 31:
+        return None
+    return out.astype(np.int32).reshape(-1)
 
 
 def pack_a_panels(a: np.ndarray, config: GemmConfig) -> np.ndarray:
@@ -331,13 +371,17 @@ class GemmGenerator:
 
     def __init__(self, config: GemmConfig, epilogue: Epilogue | None = None,
                  name: str = "sgemm", fma: bool = True, packed_a: bool = False,
-                 packed_b: bool = False):
+                 packed_b: bool = False, gathered_b: bool = False):
+        if packed_b and gathered_b:
+            raise GraphcError("a GEMM's B is either pre-packed or gathered, not both",
+                              hint="choose packed_b or gathered_b")
         self.cfg = config
         self.epi = epilogue or Epilogue()
         self.name = name
         self.fma = fma
         self.packed_a = bool(packed_a)
         self.packed_b = bool(packed_b)
+        self.gathered_b = bool(gathered_b)
         self.vt = ir.VectorType(F32, config.vw)
 
     # -- microkernel --------------------------------------------------------------------
@@ -539,6 +583,44 @@ class GemmGenerator:
         b.ret_void()
         return fn
 
+    def emit_pack_b_gathered(self, mod):
+        """Bp[q][k][j] = x[brows[k] + off(q*NR + j)] for panels q of NR columns (``bvecs``
+        starting at the block's first column); zeros in rows kc..kcp."""
+        c, vt = self.cfg, self.vt
+        NR, VW, NV = c.nr, c.vw, c.nv
+        args = [("kc", I64), ("kcp", I64), ("nc", I64), ("x", PTR), ("brows", PTR),
+                ("bvecs", PTR), ("bp", PTR)]
+        fn, b, a = new_function(mod, f"{self.name}_pack_b", args, internal=True)
+        for i in (3, 6):
+            fn.args[i].add_attribute("noalias")
+        iota = ir.Constant(ir.VectorType(I32, VW), list(range(VW)))
+        zero = ir.Constant(vt, [0.0] * VW)
+
+        def table(ptr, i):
+            return b.sext(b.load(b.gep(ptr, [i], source_etype=I32), typ=I32), I64)
+
+        with loop(b, 0, a["nc"], NR, name="q") as q:
+            dst = _addr(b, F32, a["bp"], b.mul(q, a["kcp"]))
+            vecs = []
+            for v in range(NV):
+                e = b.mul(b.add(b.udiv(q, i64(VW)), i64(v)), i64(3))
+                lo, hi = (_addr(b, F32, a["x"], table(a["bvecs"], b.add(e, i64(j))))
+                          for j in (0, 1))
+                split = b.trunc(table(a["bvecs"], b.add(e, i64(2))), I32)
+                vecs.append((lo, hi, b.icmp_signed("<", iota, splat(b, split, VW))))
+            with loop(b, 0, a["kc"], name="k") as k:
+                r = table(a["brows"], k)
+                do = b.mul(k, i64(NR))
+                for v, (lo, hi, first) in enumerate(vecs):
+                    x = b.select(first, _load(b, vt, lo, r, align=4),
+                                 _load(b, vt, hi, r, align=4))
+                    _store(b, x, dst, b.add(do, i64(v * VW)), align=4 * VW)
+            with loop(b, a["kc"], a["kcp"], name="kz") as k:  # zero rows kc..kcp
+                for v in range(NV):
+                    _store(b, zero, dst, b.add(b.mul(k, i64(NR)), i64(v * VW)), align=4 * VW)
+        b.ret_void()
+        return fn
+
     # -- driver -------------------------------------------------------------------------
 
     def emit_gemm(self, mod, ukernel, pack_a, pack_b, narrow=None):
@@ -546,7 +628,8 @@ class GemmGenerator:
         MR, NR, KC, MC, NC = c.mr, c.nr, c.kc, c.mc, c.nc
         args = [("M", I64), ("N", I64), ("K", I64), ("A", PTR), ("lda", I64), ("B", PTR),
                 ("ldb", I64), ("C", PTR), ("ldc", I64), ("accumulate", I32), ("part", I64),
-                ("nparts", I64), ("workspace", PTR), *self.epi.args]
+                ("nparts", I64), ("workspace", PTR),
+                *([("brows", PTR), ("bvecs", PTR)] if self.gathered_b else []), *self.epi.args]
         fn, b, a = new_function(mod, self.name, args)
         M, N, K, part, nparts = a["M"], a["N"], a["K"], a["part"], a["nparts"]
         ap = a["workspace"]
@@ -612,6 +695,10 @@ class GemmGenerator:
             if self.packed_b:
                 # panel q (columns q*NR..) at q * Kp * NR, row k at k * NR in it
                 bblk = _addr(b, F32, a["B"], b.add(b.mul(jc, kp), b.mul(pc, i64(NR))))
+            elif self.gathered_b:
+                b.call(pack_b, [kc, kcp, nc, a["B"], b.gep(a["brows"], [pc], source_etype=I32),
+                                b.gep(a["bvecs"], [b.mul(b.udiv(jc, i64(c.vw)), i64(3))],
+                                      source_etype=I32), bp])
             else:
                 b.call(pack_b, [kc, kcp, nc,
                                 _addr(b, F32, a["B"], b.add(b.mul(pc, a["ldb"]), jc)),
@@ -668,7 +755,8 @@ class GemmGenerator:
         # of at most VW columns runs the one-vector tile, half the wasted FMAs
         narrow = self.emit_ukernel(mod, nv=1) if self.cfg.nv > 1 else None
         pack_a = None if self.packed_a else self.emit_pack_a(mod)
-        pack_b = None if self.packed_b else self.emit_pack_b(mod)
+        pack_b = None if self.packed_b else \
+            self.emit_pack_b_gathered(mod) if self.gathered_b else self.emit_pack_b(mod)
         self.emit_gemm(mod, uk, pack_a, pack_b, narrow)
         return mod
 

@@ -216,15 +216,16 @@ class KernelContext:
         self.steps.append(Step(fn, self.node_index, parts, per_thread))
 
     def gemm(self, epilogue: Epilogue, packed_a: bool = False,
-             packed_b: bool = False) -> ir.Function:
+             packed_b: bool = False, gathered_b: bool = False) -> ir.Function:
         """The SGEMM entry for an epilogue (one instance per distinct epilogue and
         packing); with ``packed_a``, A is pre-packed (``packed_weights``), with
-        ``packed_b`` B is in gemm.pack_b_panels' layout."""
-        key = (epilogue.key(), bool(packed_a), bool(packed_b))
+        ``packed_b`` B is in gemm.pack_b_panels' layout, with ``gathered_b`` B is read
+        from an image through offset tables (see gemm.py)."""
+        key = (epilogue.key(), bool(packed_a), bool(packed_b), bool(gathered_b))
         if key not in self._gemms:
             name = f"gk_gemm{len(self._gemms)}"
             GemmGenerator(self.gemm_config, epilogue, name, self.target.has_fma,
-                          packed_a, packed_b).emit(self.mod)
+                          packed_a, packed_b, gathered_b).emit(self.mod)
             self._gemms[key] = name
         return self.mod.globals[self._gemms[key]]
 

@@ -15,6 +15,13 @@ bias and computes the fused tail (ReLU, a residual add, ...) on each register ti
 im2col copies a stride-1 "same"-width tap as one shifted run of the flattened plane and
 a stride-2 row with vector loads and a shuffle.
 
+A stride-1 convolution writes no columns: a step copies the images zero-padded, and
+the GEMM packs its B panels straight from them (gemm.py, gathered B: per row of B
+(input channel, kh, kw) an offset in the padded image, per vector of output pixels the
+one or two runs of a padded row they read), so the column matrix -- KH*KW times the
+image, 7 MB for a ResNet-50 res2 3x3 -- is never written and read back.  Strided
+convolutions (and output rows too short for a vector to be two runs) keep im2col.
+
 When the fused tail adds a residual that the output overwrites in place, the GEMM
 accumulates onto the output (which holds the residual) instead of reading it in the
 epilogue (a K longer than one cache block would otherwise see partial sums).
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from llvmlite import ir
 
 from ....ops.conv import Geometry
@@ -132,15 +140,24 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     Cg, Og = C // G, O // G
     K, P, HW = Cg * KH * KW, OH * OW, H * W
     direct = KH == KW == 1 and SH == SW == 1 and PH == PW == 0
+    gather = None if direct else _gather_tables(k, n, geo)
     k.need_scratch(k.gemm_workspace_bytes())
     w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if epi.bias else None
-    per_image = 4 * G * K * P
+    if gather:      # B read from zero-padded copies of the images (no column matrix)
+        plane = gather[0] * gather[1]
+        per_image = 4 * C * plane
+    else:
+        per_image = 4 * G * K * P
     chunk = N if direct else max(1, min(N, COLS_BUDGET // max(per_image, 1)))
-    cols = None if direct else k.temp(chunk * per_image, "im2col")
+    slack = 4 * k.gemm_config.vw if gather else 0    # a blended vector's lanes past the end
+    cols = None if direct else k.temp(chunk * per_image + slack,
+                                      "padded" if gather else "im2col")
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
-        if not direct:
+        if gather:
+            _pad_step(k, n, x_off, cols, first, imgs, geo, *gather[:2])
+        elif not direct:
             _im2col_step(k, n, x_off, cols, first, imgs, geo)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
         xp = k.ptr(b, a, _arena(x_off))
@@ -150,17 +167,20 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         bp = k.ptr(b, a, b_src) if b_src else None
         chp = [k.ptr(b, a, c.src) for c in epi.chans]
         tp = {j: k.ptr(b, a, _arena(tensors[j])) for j in epi.tensors}
-        gemm = k.gemm(epi, packed_a=True)
+        gemm = k.gemm(epi, packed_a=True, gathered_b=bool(gather))
         for i in range(imgs):          # the GEMM splits each product among the parts
             img = first + i
             for g in range(G):
                 ch0 = g * Og
                 if direct:
                     bmat = fptr(b, xp, (img * C + g * Cg) * HW)
+                elif gather:
+                    bmat = fptr(b, cp, (i * C + g * Cg) * plane)
                 else:
                     bmat = fptr(b, cp, (i * G + g) * K * P)
                 coff = (img * O + ch0) * P
-                extra = [fptr(b, bp, ch0)] if bp is not None else []
+                extra = list(gather[2:]) if gather else []
+                extra += [fptr(b, bp, ch0)] if bp is not None else []
                 extra += [p if c.dim == 1 else fptr(b, p, ch0) for c, p in zip(epi.chans, chp)]
                 extra += [fptr(b, tp[j], coff) for j in epi.tensors]
                 if epi.tensors:
@@ -171,6 +191,69 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                               a["scratch"], *extra])
         b.ret_void()
         k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
+
+
+def _gather_tables(k, n, geo):
+    """A stride-1 convolution as a GEMM whose B is gathered from the zero-padded image
+    (gemm.py, gathered B): (padded height, padded width, brows, bvecs), the tables as
+    constant globals; None where the output rows are too short for a vector to be two
+    runs of one padded row (e.g. 7 x 7 images with 8-float vectors), or the stride is
+    not 1."""
+    from ..gemm import gather_vectors
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    if SH != 1 or SW != 1:
+        return None
+    Hp, Wp = H + 2 * PH, W + 2 * PW
+    oh, ow = divmod(np.arange(OH * OW), OW)
+    bvecs = gather_vectors(oh * Wp + ow, k.gemm_config)
+    if bvecs is None:
+        return None
+    c, kh, kw = np.meshgrid(np.arange(geo.channels // geo.group), np.arange(KH),
+                            np.arange(KW), indexing="ij")
+    brows = (c * Hp * Wp + kh * DH * Wp + kw * DW).reshape(-1)
+    if (geo.channels // geo.group) * Hp * Wp >= 2 ** 31:
+        return None
+    name = k.step_name(n.name + "_gather")
+    return (Hp, Wp, _i32_table(k.mod, f"{name}_rows", brows),
+            _i32_table(k.mod, f"{name}_vecs", bvecs))
+
+
+def _i32_table(mod, name, values):
+    arr = ir.ArrayType(I32, len(values))
+    table = ir.GlobalVariable(mod, arr, name)
+    table.linkage = "internal"
+    table.global_constant = True
+    table.initializer = ir.Constant(arr, [int(v) for v in values])
+    return table
+
+
+def _pad_step(k, n, x_off, dst, first, imgs, geo, Hp, Wp):
+    """A step writing images first..first+imgs, zero-padded to Hp x Wp, to the arena at
+    ``dst`` (one padded plane after the other); its items are (image, channel) planes."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    C = geo.channels
+    zero = ir.Constant(F32, 0.0)
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_pad"))
+    xp = k.ptr(b, a, _arena(x_off))
+    dp = k.ptr(b, a, _arena(dst))
+    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="plane") as t:
+        src = fptr(b, xp, b.mul(b.add(t, i64(first * C)), i64(H * W)))
+        out = fptr(b, dp, b.mul(t, i64(Hp * Wp)))
+        with loop(b, 0, PH * Wp, name="top") as j:
+            store(b, zero, out, j)
+        with loop(b, (PH + H) * Wp, Hp * Wp, name="bottom") as j:
+            store(b, zero, out, j)
+        with loop(b, 0, H, name="row") as r:
+            orow = fptr(b, out, b.add(b.mul(b.add(r, i64(PH)), i64(Wp)), i64(PW)))
+            srow = fptr(b, src, b.mul(r, i64(W)))
+            for j in range(PW):
+                store(b, zero, orow, j - PW)
+                store(b, zero, orow, W + j)
+            with loop(b, 0, W, name="col") as j:
+                store(b, load(b, srow, j), orow, j)
+    b.ret_void()
+    k.add_step(fn.name, imgs * C * Hp * Wp // 4)
 
 
 def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
@@ -238,6 +321,7 @@ def _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side: bool = False
         im2col = k.helper("gk_im2col_flat", _make_im2col_flat)
     else:
         im2col = k.helper(f"gk_im2col_sw{SW}", lambda mod, nm: _make_im2col(mod, nm, SW))
+    im2col.attributes.add("alwaysinline")
     nblk = -(-P // COL_BLOCK)
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_im2col"))
     xp = k.ptr(b, a, _arena(x_off))
