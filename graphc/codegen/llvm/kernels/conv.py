@@ -15,12 +15,13 @@ bias and computes the fused tail (ReLU, a residual add, ...) on each register ti
 im2col copies a stride-1 "same"-width tap as one shifted run of the flattened plane and
 a stride-2 row with vector loads and a shuffle.
 
-A stride-1 convolution writes no columns: a step copies the images zero-padded, and
-the GEMM packs its B panels straight from them (gemm.py, gathered B: per row of B
-(input channel, kh, kw) an offset in the padded image, per vector of output pixels the
-one or two runs of a padded row they read), so the column matrix -- KH*KW times the
-image, 7 MB for a ResNet-50 res2 3x3 -- is never written and read back.  Strided
-convolutions (and output rows too short for a vector to be two runs) keep im2col.
+Mostly no columns are written: a step copies the images zero-padded (for stride S,
+split into the S x S phases of the padded image, so that a tap reads an output row as
+one run of a phase's row), and the GEMM packs its B panels straight from them (gemm.py,
+gathered B: per row of B (input channel, kh, kw) an offset in the padded image, per
+vector of output pixels the one or two runs of a row they read), so the column matrix
+-- KH*KW times the image, 7 MB for a ResNet-50 res2 3x3 -- is never written and read
+back.  Output rows too short for a vector of pixels to be two runs keep im2col.
 
 When the fused tail adds a residual that the output overwrites in place, the GEMM
 accumulates onto the output (which holds the residual) instead of reading it in the
@@ -145,7 +146,8 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if epi.bias else None
     if gather:      # B read from zero-padded copies of the images (no column matrix)
-        plane = gather[0] * gather[1]
+        Hq, Wq, phases = gather[0]
+        plane = len(phases) * Hq * Wq
         per_image = 4 * C * plane
     else:
         per_image = 4 * G * K * P
@@ -156,7 +158,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
         if gather:
-            _pad_step(k, n, x_off, cols, first, imgs, geo, *gather[:2])
+            _phase_step(k, n, x_off, cols, first, imgs, geo, gather[0])
         elif not direct:
             _im2col_step(k, n, x_off, cols, first, imgs, geo)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
@@ -179,7 +181,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                 else:
                     bmat = fptr(b, cp, (i * G + g) * K * P)
                 coff = (img * O + ch0) * P
-                extra = list(gather[2:]) if gather else []
+                extra = list(gather[1:]) if gather else []
                 extra += [fptr(b, bp, ch0)] if bp is not None else []
                 extra += [p if c.dim == 1 else fptr(b, p, ch0) for c, p in zip(epi.chans, chp)]
                 extra += [fptr(b, tp[j], coff) for j in epi.tensors]
@@ -194,27 +196,31 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
 
 
 def _gather_tables(k, n, geo):
-    """A stride-1 convolution as a GEMM whose B is gathered from the zero-padded image
-    (gemm.py, gathered B): (padded height, padded width, brows, bvecs), the tables as
-    constant globals; None where the output rows are too short for a vector to be two
-    runs of one padded row (e.g. 7 x 7 images with 8-float vectors), or the stride is
-    not 1."""
+    """A convolution as a GEMM whose B is gathered from the zero-padded image (gemm.py,
+    gathered B).  With stride S the padded image is split into its S x S phases (phase
+    (py, px) holds the padded pixels (i*SH + py, j*SW + px)), only those some tap reads:
+    then every tap reads each output row as one run of one phase's row, as in a stride-1
+    convolution.  Returns the layout (Hq, Wq, phases) -- each input channel is
+    len(phases) planes of Hq x Wq -- and the tables brows, bvecs as constant globals;
+    None where the output rows are too short for a vector of pixels to be two runs (e.g.
+    7 x 7 images with 16-float vectors)."""
     from ..gemm import gather_vectors
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
-    if SH != 1 or SW != 1:
-        return None
-    Hp, Wp = H + 2 * PH, W + 2 * PW
+    Hq, Wq = -(-(H + 2 * PH) // SH), -(-(W + 2 * PW) // SW)
     oh, ow = divmod(np.arange(OH * OW), OW)
-    bvecs = gather_vectors(oh * Wp + ow, k.gemm_config)
+    bvecs = gather_vectors(oh * Wq + ow, k.gemm_config)
     if bvecs is None:
         return None
-    c, kh, kw = np.meshgrid(np.arange(geo.channels // geo.group), np.arange(KH),
-                            np.arange(KW), indexing="ij")
-    brows = (c * Hp * Wp + kh * DH * Wp + kw * DW).reshape(-1)
-    if (geo.channels // geo.group) * Hp * Wp >= 2 ** 31:
+    phases = sorted({(kh * DH % SH, kw * DW % SW) for kh in range(KH) for kw in range(KW)})
+    slot = {ph: i for i, ph in enumerate(phases)}
+    plane = len(phases) * Hq * Wq
+    brows = [c * plane + slot[kh * DH % SH, kw * DW % SW] * Hq * Wq
+             + kh * DH // SH * Wq + kw * DW // SW
+             for c in range(geo.channels // geo.group) for kh in range(KH) for kw in range(KW)]
+    if (geo.channels // geo.group) * plane >= 2 ** 31:
         return None
     name = k.step_name(n.name + "_gather")
-    return (Hp, Wp, _i32_table(k.mod, f"{name}_rows", brows),
+    return ((Hq, Wq, phases), _i32_table(k.mod, f"{name}_rows", brows),
             _i32_table(k.mod, f"{name}_vecs", bvecs))
 
 
@@ -227,33 +233,48 @@ def _i32_table(mod, name, values):
     return table
 
 
-def _pad_step(k, n, x_off, dst, first, imgs, geo, Hp, Wp):
-    """A step writing images first..first+imgs, zero-padded to Hp x Wp, to the arena at
-    ``dst`` (one padded plane after the other); its items are (image, channel) planes."""
+def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
+    """A step writing images first..first+imgs to the arena at ``dst`` as zero-padded
+    phase planes (``layout`` of _gather_tables: per channel, phase after phase, Hq x Wq
+    each); its items are (image, channel) planes.  Which rows and columns of a phase are
+    inside the image is known here, so the loops hold no bounds checks."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    Hq, Wq, phases = layout
     C = geo.channels
     zero = ir.Constant(F32, 0.0)
+
+    def inside(p, pad, s, size, count):
+        """[lo, hi) of the phase positions i with 0 <= i*s + p - pad < size."""
+        lo = min(max(0, -(-(pad - p) // s)), count)
+        return lo, max(lo, min(count, (size - 1 + pad - p) // s + 1))
+
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_pad"))
     xp = k.ptr(b, a, _arena(x_off))
     dp = k.ptr(b, a, _arena(dst))
     lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as t:
         src = fptr(b, xp, b.mul(b.add(t, i64(first * C)), i64(H * W)))
-        out = fptr(b, dp, b.mul(t, i64(Hp * Wp)))
-        with loop(b, 0, PH * Wp, name="top") as j:
-            store(b, zero, out, j)
-        with loop(b, (PH + H) * Wp, Hp * Wp, name="bottom") as j:
-            store(b, zero, out, j)
-        with loop(b, 0, H, name="row") as r:
-            orow = fptr(b, out, b.add(b.mul(b.add(r, i64(PH)), i64(Wp)), i64(PW)))
-            srow = fptr(b, src, b.mul(r, i64(W)))
-            for j in range(PW):
-                store(b, zero, orow, j - PW)
-                store(b, zero, orow, W + j)
-            with loop(b, 0, W, name="col") as j:
-                store(b, load(b, srow, j), orow, j)
+        for q, (py, px) in enumerate(phases):
+            out = fptr(b, dp, b.mul(t, i64(len(phases) * Hq * Wq)))
+            out = fptr(b, out, q * Hq * Wq)
+            r_lo, r_hi = inside(py, PH, SH, H, Hq)
+            c_lo, c_hi = inside(px, PW, SW, W, Wq)
+            for z0, z1 in ((0, r_lo * Wq), (r_hi * Wq, Hq * Wq)):
+                if z0 < z1:
+                    with loop(b, z0, z1, name="zrow") as j:
+                        store(b, zero, out, j)
+            with loop(b, r_lo, r_hi, name="row") as i:
+                orow = fptr(b, out, b.mul(i, i64(Wq)))
+                # input (i*SH + py - PH, j*SW + px - PW): one index, never before src
+                base = b.add(b.mul(i, i64(SH * W)), i64((py - PH) * W + px - PW))
+                for z0, z1 in ((0, c_lo), (c_hi, Wq)):
+                    if z0 < z1:
+                        with loop(b, z0, z1, name="zcol") as j:
+                            store(b, zero, orow, j)
+                with loop(b, c_lo, c_hi, name="col") as j:
+                    store(b, load(b, src, b.add(base, b.mul(j, i64(SW)))), orow, j)
     b.ret_void()
-    k.add_step(fn.name, imgs * C * Hp * Wp // 4)
+    k.add_step(fn.name, imgs * C * len(phases) * Hq * Wq // 4)
 
 
 def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
