@@ -155,7 +155,8 @@ def test_convolution_gathered_b(tmp_path, rng, cpu):
     ones from its phases: output widths just below, at and above one and two vectors,
     so vectors of pixels cross image rows at every lane; dilation, non-square kernels
     and strides, no padding, groups, strides 2 and 3 (a 1x1 stride 2 reads one phase of
-    four), a K longer than one cache block, a fused residual add and 2 images.  Checks
+    four), a K longer than one cache block, a fused residual add, 2 images, and a batch
+    of small images side by side (vectors of pixels crossing images too).  Checks
     that the gathered path is the one compiled (its offset tables are in the module)."""
     from graphc.codegen.llvm import gemm, jit
     from graphc.codegen.llvm.lower import lower_graph
@@ -178,12 +179,15 @@ def test_convolution_gathered_b(tmp_path, rng, cpu):
                'convolution_param { num_output: 40 kernel_size: 3 pad: 1 } }\n'
                'layer { name: "s" type: "Eltwise" bottom: "d" bottom: "y" top: "s" }\n'
                'layer { name: "r" type: "ReLU" bottom: "s" top: "s" }\n')
+    shapes["z"] = (3, 6, 5, 2 * vw + 3)  # small images, a batch: one GEMM for all three
+    layers += ('layer { name: "e" type: "Convolution" bottom: "z" top: "e" '
+               'convolution_param { num_output: 9 kernel_size: 3 pad: 1 stride_h: 1 stride_w: 2 } }\n')
     text = inputs_layer(shapes) + layers
     check(tmp_path, text, shapes, rng, threads=2, cpu=cpu)
     net = net_from_text(text, tmp_path, rng=rng)
     ir_text = lower_graph(run_pipeline(net.graph), cpu).ir
     gathered = set(re.findall(r'@"?gk_s\d+_(\w+?)_gather_rows"? = internal', ir_text))
-    assert gathered == {f"c{i}" for i in range(len(cases))} | {"d_s_r"}, gathered
+    assert gathered == {f"c{i}" for i in range(len(cases))} | {"d_s_r", "e"}, gathered
 
 
 def test_gather_vectors():

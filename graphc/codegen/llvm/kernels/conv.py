@@ -195,7 +195,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
 
 
-def _gather_tables(k, n, geo):
+def _gather_tables(k, n, geo, images: int = 1):
     """A convolution as a GEMM whose B is gathered from the zero-padded image (gemm.py,
     gathered B).  With stride S the padded image is split into its S x S phases (phase
     (py, px) holds the padded pixels (i*SH + py, j*SW + px)), only those some tap reads:
@@ -203,21 +203,22 @@ def _gather_tables(k, n, geo):
     convolution.  Returns the layout (Hq, Wq, phases) -- each input channel is
     len(phases) planes of Hq x Wq -- and the tables brows, bvecs as constant globals;
     None where the output rows are too short for a vector of pixels to be two runs (e.g.
-    7 x 7 images with 16-float vectors)."""
+    7 x 7 images with 16-float vectors).  ``images``: the columns of that many images
+    side by side (image i's pixels after image i-1's)."""
     from ..gemm import gather_vectors
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     Hq, Wq = -(-(H + 2 * PH) // SH), -(-(W + 2 * PW) // SW)
-    oh, ow = divmod(np.arange(OH * OW), OW)
-    bvecs = gather_vectors(oh * Wq + ow, k.gemm_config)
-    if bvecs is None:
-        return None
     phases = sorted({(kh * DH % SH, kw * DW % SW) for kh in range(KH) for kw in range(KW)})
     slot = {ph: i for i, ph in enumerate(phases)}
     plane = len(phases) * Hq * Wq
+    img, oh, ow = np.unravel_index(np.arange(images * OH * OW), (images, OH, OW))
+    bvecs = gather_vectors(img * geo.channels * plane + oh * Wq + ow, k.gemm_config)
+    if bvecs is None:
+        return None
     brows = [c * plane + slot[kh * DH % SH, kw * DW % SW] * Hq * Wq
              + kh * DH // SH * Wq + kw * DW // SW
              for c in range(geo.channels // geo.group) for kh in range(KH) for kw in range(KW)]
-    if (geo.channels // geo.group) * plane >= 2 ** 31:
+    if images * geo.channels * plane >= 2 ** 31:
         return None
     name = k.step_name(n.name + "_gather")
     return ((Hq, Wq, phases), _i32_table(k.mod, f"{name}_rows", brows),
@@ -279,7 +280,8 @@ def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
 
 def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
     """Small images (P <= BATCH_P) in a batch: the columns of a chunk of images side by
-    side (K x imgs*P per group), one GEMM per group (the weights are packed once for all
+    side (K x imgs*P per group; gathered from the padded images where _gather_tables
+    allows, else written by im2col), one GEMM per group (the weights are packed once for all
     the images instead of once per image), into a temporary (O x imgs*P) with the bias
     added; then a step moving each row into its image's place in the output, computing
     the tail on the way (it may read the output's own residual: each element is read
@@ -294,21 +296,34 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
     b_src = k.param_src(params[1]) if len(params) > 1 else None
     epi = ProgramEpilogue([], "row", b_src is not None)
     chunk = max(1, min(N, COLS_BUDGET // max(4 * G * K * P, 1)))
-    cols = k.temp(4 * chunk * G * K * P, "im2col")
+    gathers = {m: _gather_tables(k, n, geo, m) for m in {chunk, N % chunk or chunk}}
+    if all(gathers.values()):   # B gathered from the padded images (phases), as _gemm_conv
+        Hq, Wq, phases = gathers[chunk][0]
+        plane = len(phases) * Hq * Wq
+        cols = k.temp(4 * (chunk * C * plane + k.gemm_config.vw), "padded")
+    else:
+        gathers = {}
+        cols = k.temp(4 * chunk * G * K * P, "im2col")
     cmat = k.temp(4 * chunk * O * P, "gemm")
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
         ld = imgs * P
-        _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
+        gather = gathers.get(imgs)
+        if gather:
+            _phase_step(k, n, x_off, cols, first, imgs, geo, gather[0])
+        else:
+            _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
-        gemm = k.gemm(epi, packed_a=True)
+        gemm = k.gemm(epi, packed_a=True, gathered_b=bool(gather))
         cp, tp = k.ptr(b, a, _arena(cols)), k.ptr(b, a, _arena(cmat))
         wp = k.ptr(b, a, w_src)
         bp = k.ptr(b, a, b_src) if b_src else None
         for g in range(G):
-            extra = [fptr(b, bp, g * Og)] if bp is not None else []
+            extra = list(gather[1:]) if gather else []
+            extra += [fptr(b, bp, g * Og)] if bp is not None else []
+            bmat = fptr(b, cp, g * Cg * plane if gather else g * K * ld)
             b.call(gemm, [i64(Og), i64(ld), i64(K), fptr(b, wp, g * w_group), i64(K),
-                          fptr(b, cp, g * K * ld), i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
+                          bmat, i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
                           ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])
         b.ret_void()
         k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
