@@ -15,7 +15,7 @@ base_lr 0.001, weight_decay 0.004, fixed, as BVLC's cifar10_quick_solver.prototx
 blob's lr_mult / decay_mult from the net.  With a fixed rate PyTorch's SGD (buf = m*buf + g,
 w -= lr*buf) is exactly Caffe's (h = lr*g + m*h, w -= h), so both runs compute the same
 sequence of losses; the report gives how far apart they are.  Iterations of the two are
-interleaved in one process (alternating which goes first), 50 ms apart.
+interleaved in one process (alternating which goes first), 50 ms apart (--pause).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ DATA = {
 }
 MOMENTUM = 0.9
 NUM_BATCHES = 8
+#: idle seconds before each timed iteration (so one engine's spinning threads do not
+#: bill the next)
 PAUSE_S = 0.05
 
 
@@ -163,7 +165,7 @@ def bench_net(name: str, args, rng) -> dict:
     for r in range(args.warmup + args.iters):
         order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]
         for k in order:
-            time.sleep(PAUSE_S)
+            time.sleep(args.pause)
             t0 = time.perf_counter()
             loss = steps[k]()
             dt = time.perf_counter() - t0
@@ -195,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--pause", type=float, default=PAUSE_S,
+                    help=f"idle seconds before each iteration (default {PAUSE_S})")
     ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                     help="tuned (default): keep freed memory in glibc's heap (see "
                          "bench/torch_nets.py tuned_malloc); default: glibc's settings")
@@ -246,7 +250,8 @@ def write_report(args, rows, total, torch) -> None:
         "",
         f"Batch {args.batch}; SGD momentum {MOMENTUM}, lr_policy fixed; {args.warmup} warm-up "
         f"then {args.iters} timed iterations each, interleaved one by one (alternating which "
-        "goes first, rotating), 50 ms apart; images/s = batch / median iteration time. An "
+        f"goes first, rotating), {1e3 * args.pause:g} ms apart; images/s = batch / median "
+        "iteration time. An "
         "iteration is the whole solver step: forward, backward and the update.",
         "",
         "| net | data | base_lr, weight_decay | graphc cpu ms/iter (p90) | PyTorch ms/iter "

@@ -100,6 +100,35 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
                                   "label": labels(rng, n, 7)})
 
 
+def test_conv_gathered_forward(tmp_path, rng):
+    """Training convolutions whose forward gathers B from the images' zero-padded phases
+    (output rows of at least a vector): a "same" 5x5 over small images, three side by
+    side in one GEMM (5 images: groups of 3 and 2); a "same" 3x3 whose data gradient (a
+    convolution of dy with the flipped weights) gathers from dy's padded planes; a 3x3
+    with stride 2 across, in two groups.  Checks that these compiled that way."""
+    from graphc.codegen.llvm import gemm, jit
+    vw = gemm.default_config(jit.target("native")).vw
+    n, w = 5, 2 * vw + 2
+    text = (_input(["data", "label"], [(n, 3, 4, w), (n,)]) + f"""
+layer {{ name: "c1" type: "Convolution" bottom: "data" top: "c1"
+  convolution_param {{ num_output: 8 kernel_size: 5 pad: 2 }} }}
+layer {{ name: "r1" type: "ReLU" bottom: "c1" top: "c1" }}
+layer {{ name: "c1b" type: "Convolution" bottom: "c1" top: "c1b"
+  convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 }} }}
+layer {{ name: "c2" type: "Convolution" bottom: "c1b" top: "c2"
+  convolution_param {{ num_output: 6 kernel_size: 3 pad: 1 stride_h: 1 stride_w: 2 group: 2 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "c2" top: "ip"
+  inner_product_param {{ num_output: 5 }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+""")
+    cpu = compare(tmp_path, rng, text,
+                  {"data": rng.standard_normal((n, 3, 4, w)).astype(np.float32),
+                   "label": labels(rng, n, 5)})
+    ir_text = cpu.compiled_train().program.ir
+    assert set(re.findall(r'@"?gk_s\d+_(\w+?)_gather_rows"? = internal', ir_text)) == \
+        {"c1", "c1b", "c2", "c1b_grad_dx"}
+
+
 def test_activations_transpose_ip_split(tmp_path, rng):
     """Sigmoid, TanH, leaky ReLU, Dropout (train: the masks drawn as the reference draws
     them) gradients; InnerProduct with ``transpose`` and ``axis``;

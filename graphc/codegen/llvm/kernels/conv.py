@@ -141,7 +141,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     Cg, Og = C // G, O // G
     K, P, HW = Cg * KH * KW, OH * OW, H * W
     direct = KH == KW == 1 and SH == SW == 1 and PH == PW == 0
-    gather = None if direct else _gather_tables(k, n, geo)
+    gather = None if direct else _gather_tables(k, n.name, _dims(geo), C, Cg)
     k.need_scratch(k.gemm_workspace_bytes())
     w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if epi.bias else None
@@ -195,7 +195,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
 
 
-def _gather_tables(k, n, geo, images: int = 1):
+def _gather_tables(k, name: str, dims, channels: int, group_channels: int, images: int = 1):
     """A convolution as a GEMM whose B is gathered from the zero-padded image (gemm.py,
     gathered B).  With stride S the padded image is split into its S x S phases (phase
     (py, px) holds the padded pixels (i*SH + py, j*SW + px)), only those some tap reads:
@@ -203,24 +203,26 @@ def _gather_tables(k, n, geo, images: int = 1):
     convolution.  Returns the layout (Hq, Wq, phases) -- each input channel is
     len(phases) planes of Hq x Wq -- and the tables brows, bvecs as constant globals;
     None where the output rows are too short for a vector of pixels to be two runs (e.g.
-    7 x 7 images with 16-float vectors).  ``images``: the columns of that many images
-    side by side (image i's pixels after image i-1's)."""
+    7 x 7 images with 16-float vectors).  ``dims``: the geometry as _dims gives it;
+    images of ``channels`` channels, B's rows those of ``group_channels`` of them;
+    ``images``: the columns of that many images side by side (image i's pixels after
+    image i-1's)."""
     from ..gemm import gather_vectors
-    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = dims
     Hq, Wq = -(-(H + 2 * PH) // SH), -(-(W + 2 * PW) // SW)
     phases = sorted({(kh * DH % SH, kw * DW % SW) for kh in range(KH) for kw in range(KW)})
     slot = {ph: i for i, ph in enumerate(phases)}
     plane = len(phases) * Hq * Wq
     img, oh, ow = np.unravel_index(np.arange(images * OH * OW), (images, OH, OW))
-    bvecs = gather_vectors(img * geo.channels * plane + oh * Wq + ow, k.gemm_config)
+    bvecs = gather_vectors(img * channels * plane + oh * Wq + ow, k.gemm_config)
     if bvecs is None:
         return None
     brows = [c * plane + slot[kh * DH % SH, kw * DW % SW] * Hq * Wq
              + kh * DH // SH * Wq + kw * DW // SW
-             for c in range(geo.channels // geo.group) for kh in range(KH) for kw in range(KW)]
-    if images * geo.channels * plane >= 2 ** 31:
+             for c in range(group_channels) for kh in range(KH) for kw in range(KW)]
+    if images * channels * plane >= 2 ** 31:
         return None
-    name = k.step_name(n.name + "_gather")
+    name = k.step_name(name + "_gather")
     return ((Hq, Wq, phases), _i32_table(k.mod, f"{name}_rows", brows),
             _i32_table(k.mod, f"{name}_vecs", bvecs))
 
@@ -237,11 +239,27 @@ def _i32_table(mod, name, values):
 def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
     """A step writing images first..first+imgs to the arena at ``dst`` as zero-padded
     phase planes (``layout`` of _gather_tables: per channel, phase after phase, Hq x Wq
-    each); its items are (image, channel) planes.  Which rows and columns of a phase are
-    inside the image is known here, so the loops hold no bounds checks."""
-    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
+    each); its items are (image, channel) planes."""
+    H, W = _dims(geo)[:2]
     Hq, Wq, phases = layout
     C = geo.channels
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_pad"))
+    xp = k.ptr(b, a, _arena(x_off))
+    dp = k.ptr(b, a, _arena(dst))
+    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="plane") as t:
+        emit_phases(b, fptr(b, xp, b.mul(b.add(t, i64(first * C)), i64(H * W))),
+                    fptr(b, dp, b.mul(t, i64(len(phases) * Hq * Wq))), _dims(geo), layout)
+    b.ret_void()
+    k.add_step(fn.name, imgs * C * len(phases) * Hq * Wq // 4)
+
+
+def emit_phases(b, src, out, dims, layout) -> None:
+    """Code writing one input plane at ``src`` as its zero-padded phase planes at ``out``
+    (``dims`` and ``layout`` as for _gather_tables).  Which rows and columns of a phase
+    are inside the image is known here, so the loops hold no bounds checks."""
+    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = dims
+    Hq, Wq, phases = layout
     zero = ir.Constant(F32, 0.0)
 
     def inside(p, pad, s, size, count):
@@ -249,33 +267,24 @@ def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
         lo = min(max(0, -(-(pad - p) // s)), count)
         return lo, max(lo, min(count, (size - 1 + pad - p) // s + 1))
 
-    fn, b, a = step_function(k.mod, k.step_name(n.name + "_pad"))
-    xp = k.ptr(b, a, _arena(x_off))
-    dp = k.ptr(b, a, _arena(dst))
-    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="plane") as t:
-        src = fptr(b, xp, b.mul(b.add(t, i64(first * C)), i64(H * W)))
-        for q, (py, px) in enumerate(phases):
-            out = fptr(b, dp, b.mul(t, i64(len(phases) * Hq * Wq)))
-            out = fptr(b, out, q * Hq * Wq)
-            r_lo, r_hi = inside(py, PH, SH, H, Hq)
-            c_lo, c_hi = inside(px, PW, SW, W, Wq)
-            for z0, z1 in ((0, r_lo * Wq), (r_hi * Wq, Hq * Wq)):
+    for q, (py, px) in enumerate(phases):
+        ph = fptr(b, out, q * Hq * Wq)
+        r_lo, r_hi = inside(py, PH, SH, H, Hq)
+        c_lo, c_hi = inside(px, PW, SW, W, Wq)
+        for z0, z1 in ((0, r_lo * Wq), (r_hi * Wq, Hq * Wq)):
+            if z0 < z1:
+                with loop(b, z0, z1, name="zrow") as j:
+                    store(b, zero, ph, j)
+        with loop(b, r_lo, r_hi, name="row") as i:
+            orow = fptr(b, ph, b.mul(i, i64(Wq)))
+            # input (i*SH + py - PH, j*SW + px - PW): one index, never before src
+            base = b.add(b.mul(i, i64(SH * W)), i64((py - PH) * W + px - PW))
+            for z0, z1 in ((0, c_lo), (c_hi, Wq)):
                 if z0 < z1:
-                    with loop(b, z0, z1, name="zrow") as j:
-                        store(b, zero, out, j)
-            with loop(b, r_lo, r_hi, name="row") as i:
-                orow = fptr(b, out, b.mul(i, i64(Wq)))
-                # input (i*SH + py - PH, j*SW + px - PW): one index, never before src
-                base = b.add(b.mul(i, i64(SH * W)), i64((py - PH) * W + px - PW))
-                for z0, z1 in ((0, c_lo), (c_hi, Wq)):
-                    if z0 < z1:
-                        with loop(b, z0, z1, name="zcol") as j:
-                            store(b, zero, orow, j)
-                with loop(b, c_lo, c_hi, name="col") as j:
-                    store(b, load(b, src, b.add(base, b.mul(j, i64(SW)))), orow, j)
-    b.ret_void()
-    k.add_step(fn.name, imgs * C * len(phases) * Hq * Wq // 4)
+                    with loop(b, z0, z1, name="zcol") as j:
+                        store(b, zero, orow, j)
+            with loop(b, c_lo, c_hi, name="col") as j:
+                store(b, load(b, src, b.add(base, b.mul(j, i64(SW)))), orow, j)
 
 
 def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
@@ -296,7 +305,8 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
     b_src = k.param_src(params[1]) if len(params) > 1 else None
     epi = ProgramEpilogue([], "row", b_src is not None)
     chunk = max(1, min(N, COLS_BUDGET // max(4 * G * K * P, 1)))
-    gathers = {m: _gather_tables(k, n, geo, m) for m in {chunk, N % chunk or chunk}}
+    gathers = {m: _gather_tables(k, n.name, _dims(geo), C, Cg, m)
+               for m in {chunk, N % chunk or chunk}}
     if all(gathers.values()):   # B gathered from the padded images (phases), as _gemm_conv
         Hq, Wq, phases = gathers[chunk][0]
         plane = len(phases) * Hq * Wq

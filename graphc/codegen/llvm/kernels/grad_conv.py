@@ -24,7 +24,7 @@ from llvmlite import ir
 from ....ops.conv import Geometry
 from ..irutil import I32, fptr, get, i64, imin, load, loop, memcpy, memset0, part_range, \
     step_function, store, var
-from .conv import _dims, _make_im2col, _make_im2col_flat
+from .conv import _dims, _gather_tables, _make_im2col, _make_im2col_flat, emit_phases
 from .grad_linear import arena
 from .transpose import TILE, emit_row_sums, emit_transpose
 
@@ -138,24 +138,38 @@ def lower_forward(k, n) -> None:
     grp = 1 if direct else _group(P)
     L = grp * P
     ws = k.gemm_workspace_bytes()
-    cols_f = 0 if direct else G * K * L
+    # B gathered from the images' zero-padded phases (conv.py) where the geometry allows
+    gather = None if direct else _gather_tables(k, n.name, _dims(geo), C, C // G, grp)
+    if gather:
+        Hq, Wq, phases = gather[0]
+        plane = len(phases) * Hq * Wq
+        cols_f = grp * C * plane + k.gemm_config.vw
+    else:
+        cols_f = 0 if direct else G * K * L
     k.need_scratch(ws + 4 * (cols_f + (O * L if grp > 1 else 0)))
-    gemm = k.gemm(ProgramEpilogue([], "row", bias is not None))
+    gemm = k.gemm(ProgramEpilogue([], "row", bias is not None), gathered_b=bool(gather))
     fn, b, a = step_function(k.mod, k.step_name(n.name))
     xp, yp, wp = (k.ptr(b, a, s_) for s_ in (arena(k.loc(x)), arena(k.loc(y)), w))
     bp = k.ptr(b, a, bias) if bias is not None else None
     cols = fptr(b, a["scratch"], ws // 4)
     cmat = fptr(b, a["scratch"], ws // 4 + cols_f)
     with _image_groups(b, a, N, grp) as (i0, cnt):
-        if not direct:
+        if gather:
+            with loop(b, 0, b.mul(cnt, i64(C)), name="pl") as t:
+                emit_phases(b, fptr(b, xp, b.mul(b.add(b.mul(i0, i64(C)), t), i64(HW))),
+                            fptr(b, cols, b.mul(t, i64(plane))), _dims(geo), gather[0])
+        elif not direct:
             with loop(b, 0, cnt, name="ii") as ii:
                 src = fptr(b, xp, b.mul(b.add(i0, ii), i64(C * HW)))
                 _im2col_image(k, b, src, fptr(b, cols, b.mul(ii, i64(P))), geo, ld=L)
         width = b.mul(cnt, i64(P))
         for g in range(G):
-            extra = [fptr(b, bp, g * Og)] if bp is not None else []
+            extra = list(gather[1:]) if gather else []
+            extra += [fptr(b, bp, g * Og)] if bp is not None else []
             if direct:
                 bmat = fptr(b, xp, b.add(b.mul(i0, i64(C * HW)), i64(g * K * P)))
+            elif gather:
+                bmat = fptr(b, cols, g * (C // G) * plane)
             else:
                 bmat = fptr(b, cols, g * K * L)
             if grp == 1:
@@ -300,25 +314,39 @@ def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
     grp = _group(HW)
     L = grp * HW
     ws = k.gemm_workspace_bytes()
-    k.need_scratch(ws + 4 * (O * KK * L + (C * L if grp > 1 else 0)))
-    gemm = k.gemm(_plain())
+    # im2col(dy) gathered from dy's zero-padded planes (conv.py) where the geometry allows
+    gather = _gather_tables(k, n.name + "_dx", dims, O, Og, grp)
+    if gather:
+        Hq, Wq, phases = gather[0]
+        plane = Hq * Wq
+        cols_f = grp * O * plane + k.gemm_config.vw
+    else:
+        cols_f = O * KK * L
+    k.need_scratch(ws + 4 * (cols_f + (C * L if grp > 1 else 0)))
+    gemm = k.gemm(_plain(), gathered_b=bool(gather))
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_dx"))
     gp, fp = k.ptr(b, a, arena(dy_off)), k.ptr(b, a, arena(wf))
     dxp = k.ptr(b, a, arena(dx_off))
     cols = fptr(b, a["scratch"], ws // 4)
-    cmat = fptr(b, a["scratch"], ws // 4 + O * KK * L)
+    cmat = fptr(b, a["scratch"], ws // 4 + cols_f)
     with _image_groups(b, a, N, grp) as (i0, cnt):
-        with loop(b, 0, cnt, name="ii") as ii:
-            _im2col_image(k, b, fptr(b, gp, b.mul(b.add(i0, ii), i64(O * P))),
-                          fptr(b, cols, b.mul(ii, i64(HW))), geo, C=O, dims=dims, ld=L)
+        if gather:
+            with loop(b, 0, b.mul(cnt, i64(O)), name="pl") as t:
+                emit_phases(b, fptr(b, gp, b.mul(b.add(b.mul(i0, i64(O)), t), i64(P))),
+                            fptr(b, cols, b.mul(t, i64(plane))), dims, gather[0])
+        else:
+            with loop(b, 0, cnt, name="ii") as ii:
+                _im2col_image(k, b, fptr(b, gp, b.mul(b.add(i0, ii), i64(O * P))),
+                              fptr(b, cols, b.mul(ii, i64(HW))), geo, C=O, dims=dims, ld=L)
         width = b.mul(cnt, i64(HW))
         for g in range(G):
             if grp == 1:
                 out, ldc = fptr(b, dxp, b.add(b.mul(i0, i64(C * HW)), i64(g * Cg * HW))), HW
             else:
                 out, ldc = fptr(b, cmat, g * Cg * L), L
+            bmat = fptr(b, cols, g * Og * plane if gather else g * Og * KK * L)
             _gemm_call(b, gemm, Cg, width, Og * KK, fptr(b, fp, g * Cg * Og * KK), Og * KK,
-                       fptr(b, cols, g * Og * KK * L), L, out, ldc, False, a["scratch"])
+                       bmat, L, out, ldc, False, a["scratch"], list(gather[1:]) if gather else ())
         if grp > 1:
             with loop(b, 0, cnt, name="ii") as ii:
                 _move_rows(b, fptr(b, cmat, b.mul(ii, i64(HW))), L,
