@@ -319,7 +319,10 @@ def main(argv=None) -> int:
 
 def write_report(args, rows, notes, peak, peak_note, total, torch, ort) -> None:
     import onnx
-    cmd = "python bench/cpu_inference.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # graphc's runtime settings from the environment (GRAPHC_NUM_THREADS is set above)
+    env = "".join(f"{k}={shlex.quote(os.environ[k])} " for k in ("GRAPHC_PIN", "GRAPHC_SPIN_US")
+                  if os.environ.get(k))
+    cmd = env + "python bench/cpu_inference.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     B = args.batch
     engines = {r[f"engine{b}"] for r in rows for b in (1, B)}
     lines = [
