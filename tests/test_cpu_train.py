@@ -109,17 +109,17 @@ def test_conv_gathered_forward(tmp_path, rng):
     from graphc.codegen.llvm import gemm, jit
     vw = gemm.default_config(jit.target("native")).vw
     n, w = 5, 2 * vw + 2
-    text = (_input(["data", "label"], [(n, 3, 4, w), (n,)]) + f"""
-layer {{ name: "c1" type: "Convolution" bottom: "data" top: "c1"
-  convolution_param {{ num_output: 8 kernel_size: 5 pad: 2 }} }}
-layer {{ name: "r1" type: "ReLU" bottom: "c1" top: "c1" }}
-layer {{ name: "c1b" type: "Convolution" bottom: "c1" top: "c1b"
-  convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 }} }}
-layer {{ name: "c2" type: "Convolution" bottom: "c1b" top: "c2"
-  convolution_param {{ num_output: 6 kernel_size: 3 pad: 1 stride_h: 1 stride_w: 2 group: 2 }} }}
-layer {{ name: "ip" type: "InnerProduct" bottom: "c2" top: "ip"
-  inner_product_param {{ num_output: 5 }} }}
-layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+    text = (_input(["data", "label"], [(n, 3, 4, w), (n,)]) + """
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+  convolution_param { num_output: 8 kernel_size: 5 pad: 2 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c1b" type: "Convolution" bottom: "c1" top: "c1b"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "c2" type: "Convolution" bottom: "c1b" top: "c2"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 1 stride_h: 1 stride_w: 2 group: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "c2" top: "ip"
+  inner_product_param { num_output: 5 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
 """)
     cpu = compare(tmp_path, rng, text,
                   {"data": rng.standard_normal((n, 3, 4, w)).astype(np.float32),

@@ -37,6 +37,7 @@ Depthwise (one input and one output channel per group) is direct: see _depthwise
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
@@ -145,20 +146,16 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     k.need_scratch(k.gemm_workspace_bytes())
     w_src, w_group = k.packed_weights(params[0], G)
     b_src = k.param_src(params[1]) if epi.bias else None
-    if gather:      # B read from zero-padded copies of the images (no column matrix)
-        Hq, Wq, phases = gather[0]
-        plane = len(phases) * Hq * Wq
-        per_image = 4 * C * plane
-    else:
-        per_image = 4 * G * K * P
+    # B read from zero-padded copies of the images (no column matrix) where it can be
+    per_image = 4 * (C * gather.plane if gather else G * K * P)
     chunk = N if direct else max(1, min(N, COLS_BUDGET // max(per_image, 1)))
-    slack = 4 * k.gemm_config.vw if gather else 0    # a blended vector's lanes past the end
-    cols = None if direct else k.temp(chunk * per_image + slack,
-                                      "padded" if gather else "im2col")
+    cols = None if direct else \
+        k.temp(4 * gather.floats(chunk * C), "padded") if gather else \
+        k.temp(chunk * per_image, "im2col")
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
         if gather:
-            _phase_step(k, n, x_off, cols, first, imgs, geo, gather[0])
+            _phase_step(k, n, x_off, cols, first, imgs, geo, gather.layout)
         elif not direct:
             _im2col_step(k, n, x_off, cols, first, imgs, geo)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
@@ -177,11 +174,11 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                 if direct:
                     bmat = fptr(b, xp, (img * C + g * Cg) * HW)
                 elif gather:
-                    bmat = fptr(b, cp, (i * C + g * Cg) * plane)
+                    bmat = fptr(b, cp, (i * C + g * Cg) * gather.plane)
                 else:
                     bmat = fptr(b, cp, (i * G + g) * K * P)
                 coff = (img * O + ch0) * P
-                extra = list(gather[1:]) if gather else []
+                extra = list(gather.tables) if gather else []
                 extra += [fptr(b, bp, ch0)] if bp is not None else []
                 extra += [p if c.dim == 1 else fptr(b, p, ch0) for c, p in zip(epi.chans, chp)]
                 extra += [fptr(b, tp[j], coff) for j in epi.tensors]
@@ -195,13 +192,31 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
         k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
 
 
-def _gather_tables(k, name: str, dims, channels: int, group_channels: int, images: int = 1):
+@dataclass(frozen=True)
+class Gathered:
+    """How a convolution's GEMM reads B from zero-padded images (see _gather_tables)."""
+    layout: tuple   # (Hq, Wq, phases): each input channel is len(phases) planes of Hq x Wq
+    tables: tuple   # (brows, bvecs) constant globals: the gathered GEMM's extra arguments
+    vw: int         # floats per vector: a blended vector may read this far past the end
+
+    @property
+    def plane(self) -> int:
+        """Floats of one input channel's phase planes."""
+        Hq, Wq, phases = self.layout
+        return len(phases) * Hq * Wq
+
+    def floats(self, channels: int) -> int:
+        """Floats of a buffer holding ``channels`` channels' planes (with the slack)."""
+        return channels * self.plane + self.vw
+
+
+def _gather_tables(k, name: str, dims, channels: int, group_channels: int,
+                   images: int = 1) -> Gathered | None:
     """A convolution as a GEMM whose B is gathered from the zero-padded image (gemm.py,
     gathered B).  With stride S the padded image is split into its S x S phases (phase
     (py, px) holds the padded pixels (i*SH + py, j*SW + px)), only those some tap reads:
     then every tap reads each output row as one run of one phase's row, as in a stride-1
-    convolution.  Returns the layout (Hq, Wq, phases) -- each input channel is
-    len(phases) planes of Hq x Wq -- and the tables brows, bvecs as constant globals;
+    convolution.  Returns the layout and the tables brows, bvecs as constant globals;
     None where the output rows are too short for a vector of pixels to be two runs (e.g.
     7 x 7 images with 16-float vectors).  ``dims``: the geometry as _dims gives it;
     images of ``channels`` channels, B's rows those of ``group_channels`` of them;
@@ -223,8 +238,9 @@ def _gather_tables(k, name: str, dims, channels: int, group_channels: int, image
     if images * channels * plane >= 2 ** 31:
         return None
     name = k.step_name(name + "_gather")
-    return ((Hq, Wq, phases), _i32_table(k.mod, f"{name}_rows", brows),
-            _i32_table(k.mod, f"{name}_vecs", bvecs))
+    return Gathered((Hq, Wq, phases), (_i32_table(k.mod, f"{name}_rows", brows),
+                                       _i32_table(k.mod, f"{name}_vecs", bvecs)),
+                    k.gemm_config.vw)
 
 
 def _i32_table(mod, name, values):
@@ -238,8 +254,8 @@ def _i32_table(mod, name, values):
 
 def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
     """A step writing images first..first+imgs to the arena at ``dst`` as zero-padded
-    phase planes (``layout`` of _gather_tables: per channel, phase after phase, Hq x Wq
-    each); its items are (image, channel) planes."""
+    phase planes (``Gathered.layout``: per channel, phase after phase, Hq x Wq each);
+    its items are (image, channel) planes."""
     H, W = _dims(geo)[:2]
     Hq, Wq, phases = layout
     C = geo.channels
@@ -256,7 +272,7 @@ def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
 
 def emit_phases(b, src, out, dims, layout) -> None:
     """Code writing one input plane at ``src`` as its zero-padded phase planes at ``out``
-    (``dims`` and ``layout`` as for _gather_tables).  Which rows and columns of a phase
+    (``dims`` as for _gather_tables, ``layout`` of its result).  Which rows and columns of a phase
     are inside the image is known here, so the loops hold no bounds checks."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = dims
     Hq, Wq, phases = layout
@@ -308,9 +324,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
     gathers = {m: _gather_tables(k, n.name, _dims(geo), C, Cg, m)
                for m in {chunk, N % chunk or chunk}}
     if all(gathers.values()):   # B gathered from the padded images (phases), as _gemm_conv
-        Hq, Wq, phases = gathers[chunk][0]
-        plane = len(phases) * Hq * Wq
-        cols = k.temp(4 * (chunk * C * plane + k.gemm_config.vw), "padded")
+        cols = k.temp(4 * gathers[chunk].floats(chunk * C), "padded")
     else:
         gathers = {}
         cols = k.temp(4 * chunk * G * K * P, "im2col")
@@ -320,7 +334,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
         ld = imgs * P
         gather = gathers.get(imgs)
         if gather:
-            _phase_step(k, n, x_off, cols, first, imgs, geo, gather[0])
+            _phase_step(k, n, x_off, cols, first, imgs, geo, gather.layout)
         else:
             _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
@@ -329,9 +343,9 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
         wp = k.ptr(b, a, w_src)
         bp = k.ptr(b, a, b_src) if b_src else None
         for g in range(G):
-            extra = list(gather[1:]) if gather else []
+            extra = list(gather.tables) if gather else []
             extra += [fptr(b, bp, g * Og)] if bp is not None else []
-            bmat = fptr(b, cp, g * Cg * plane if gather else g * K * ld)
+            bmat = fptr(b, cp, g * Cg * gather.plane if gather else g * K * ld)
             b.call(gemm, [i64(Og), i64(ld), i64(K), fptr(b, wp, g * w_group), i64(K),
                           bmat, i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
                           ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])

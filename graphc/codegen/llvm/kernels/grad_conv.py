@@ -140,12 +140,7 @@ def lower_forward(k, n) -> None:
     ws = k.gemm_workspace_bytes()
     # B gathered from the images' zero-padded phases (conv.py) where the geometry allows
     gather = None if direct else _gather_tables(k, n.name, _dims(geo), C, C // G, grp)
-    if gather:
-        Hq, Wq, phases = gather[0]
-        plane = len(phases) * Hq * Wq
-        cols_f = grp * C * plane + k.gemm_config.vw
-    else:
-        cols_f = 0 if direct else G * K * L
+    cols_f = gather.floats(grp * C) if gather else 0 if direct else G * K * L
     k.need_scratch(ws + 4 * (cols_f + (O * L if grp > 1 else 0)))
     gemm = k.gemm(ProgramEpilogue([], "row", bias is not None), gathered_b=bool(gather))
     fn, b, a = step_function(k.mod, k.step_name(n.name))
@@ -157,19 +152,20 @@ def lower_forward(k, n) -> None:
         if gather:
             with loop(b, 0, b.mul(cnt, i64(C)), name="pl") as t:
                 emit_phases(b, fptr(b, xp, b.mul(b.add(b.mul(i0, i64(C)), t), i64(HW))),
-                            fptr(b, cols, b.mul(t, i64(plane))), _dims(geo), gather[0])
+                            fptr(b, cols, b.mul(t, i64(gather.plane))), _dims(geo),
+                            gather.layout)
         elif not direct:
             with loop(b, 0, cnt, name="ii") as ii:
                 src = fptr(b, xp, b.mul(b.add(i0, ii), i64(C * HW)))
                 _im2col_image(k, b, src, fptr(b, cols, b.mul(ii, i64(P))), geo, ld=L)
         width = b.mul(cnt, i64(P))
         for g in range(G):
-            extra = list(gather[1:]) if gather else []
+            extra = list(gather.tables) if gather else []
             extra += [fptr(b, bp, g * Og)] if bp is not None else []
             if direct:
                 bmat = fptr(b, xp, b.add(b.mul(i0, i64(C * HW)), i64(g * K * P)))
             elif gather:
-                bmat = fptr(b, cols, g * (C // G) * plane)
+                bmat = fptr(b, cols, g * (C // G) * gather.plane)
             else:
                 bmat = fptr(b, cols, g * K * L)
             if grp == 1:
@@ -316,12 +312,7 @@ def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
     ws = k.gemm_workspace_bytes()
     # im2col(dy) gathered from dy's zero-padded planes (conv.py) where the geometry allows
     gather = _gather_tables(k, n.name + "_dx", dims, O, Og, grp)
-    if gather:
-        Hq, Wq, phases = gather[0]
-        plane = Hq * Wq
-        cols_f = grp * O * plane + k.gemm_config.vw
-    else:
-        cols_f = O * KK * L
+    cols_f = gather.floats(grp * O) if gather else O * KK * L
     k.need_scratch(ws + 4 * (cols_f + (C * L if grp > 1 else 0)))
     gemm = k.gemm(_plain(), gathered_b=bool(gather))
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_dx"))
@@ -333,7 +324,7 @@ def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
         if gather:
             with loop(b, 0, b.mul(cnt, i64(O)), name="pl") as t:
                 emit_phases(b, fptr(b, gp, b.mul(b.add(b.mul(i0, i64(O)), t), i64(P))),
-                            fptr(b, cols, b.mul(t, i64(plane))), dims, gather[0])
+                            fptr(b, cols, b.mul(t, i64(gather.plane))), dims, gather.layout)
         else:
             with loop(b, 0, cnt, name="ii") as ii:
                 _im2col_image(k, b, fptr(b, gp, b.mul(b.add(i0, ii), i64(O * P))),
@@ -344,9 +335,9 @@ def _lower_dx_flipped(k, n, geo, K, P, Og, dy_off, dx_off) -> None:
                 out, ldc = fptr(b, dxp, b.add(b.mul(i0, i64(C * HW)), i64(g * Cg * HW))), HW
             else:
                 out, ldc = fptr(b, cmat, g * Cg * L), L
-            bmat = fptr(b, cols, g * Og * plane if gather else g * Og * KK * L)
+            bmat = fptr(b, cols, g * Og * gather.plane if gather else g * Og * KK * L)
             _gemm_call(b, gemm, Cg, width, Og * KK, fptr(b, fp, g * Cg * Og * KK), Og * KK,
-                       bmat, L, out, ldc, False, a["scratch"], list(gather[1:]) if gather else ())
+                       bmat, L, out, ldc, False, a["scratch"], gather.tables if gather else ())
         if grp > 1:
             with loop(b, 0, cnt, name="ii") as ii:
                 _move_rows(b, fptr(b, cmat, b.mul(ii, i64(HW))), L,
