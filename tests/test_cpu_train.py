@@ -177,11 +177,17 @@ def _zoo_net(shared_dir, file, batch, chw):
 @pytest.mark.parametrize("file,chw", [("lenet_train_test.prototxt", (1, 28, 28)),
                                       ("cifar10_quick_train_test.prototxt", (3, 32, 32))])
 def test_zoo_nets(shared_dir, tmp_path, rng, file, chw):
+    """The whole nets.  Tolerance 1e-3: the two float32 computations differ by ~2e-7
+    (30 seeds of CIFAR-10 quick: median 2.3e-7, max 3.8e-7), but a pre-activation within
+    rounding of zero can take the other side of a ReLU, and a MAX pooling window then
+    routes its gradient to another element: seed 3399581522 did that at pool2 (conv3's
+    gradients 1e-7, conv2's 5e-5, conv1's 2.2e-4; the same on the code before the
+    gathered convolutions, bit for bit).  A wrong gradient kernel is off by order 1."""
     batch = int(rng.integers(3, 9))
     text = _zoo_net(shared_dir, file, batch, chw)
     compare(tmp_path, rng, text,
             {"data": rng.standard_normal((batch, *chw)).astype(np.float32),
-             "label": labels(rng, batch)}, tol=1e-4)
+             "label": labels(rng, batch)}, tol=1e-3)
 
 
 def test_views_and_forward(tmp_path, rng):
