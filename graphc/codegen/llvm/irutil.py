@@ -151,6 +151,16 @@ def part_range(b: ir.IRBuilder, total, part, nparts, align: int = 1):
     return lo, hi
 
 
+def constant_table(mod: ir.Module, name: str, ty, values) -> ir.GlobalVariable:
+    """An internal constant global array of ``ty`` holding ``values``."""
+    arr = ir.ArrayType(ty, len(values))
+    table = ir.GlobalVariable(mod, arr, name)
+    table.linkage = "internal"
+    table.global_constant = True
+    table.initializer = ir.Constant(arr, [int(v) for v in values])
+    return table
+
+
 def intrinsic(mod: ir.Module, name: str, ret, args) -> ir.Function:
     """Declare (once) an LLVM intrinsic or a libm/libc function."""
     if name in mod.globals:

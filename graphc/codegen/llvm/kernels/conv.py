@@ -43,8 +43,8 @@ import numpy as np
 from llvmlite import ir
 
 from ....ops.conv import Geometry
-from ..irutil import F32, I32, I64, PTR, floor_div, fptr, get, i64, imax, imin, load, loop, \
-    new_function, part_range, step_function, store, var
+from ..irutil import F32, I32, I64, PTR, constant_table, floor_div, fptr, get, i64, imax, \
+    imin, load, loop, new_function, part_range, step_function, store, var
 from . import linear
 from .epilogue import ProgramEpilogue
 from .pointwise import FlatSite, channel_structure, emit_program
@@ -155,7 +155,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
         if gather:
-            _phase_step(k, n, x_off, cols, first, imgs, geo, gather.layout)
+            _phase_step(k, n, x_off, cols, first, imgs, geo, gather)
         elif not direct:
             _im2col_step(k, n, x_off, cols, first, imgs, geo)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
@@ -238,26 +238,16 @@ def _gather_tables(k, name: str, dims, channels: int, group_channels: int,
     if images * channels * plane >= 2 ** 31:
         return None
     name = k.step_name(name + "_gather")
-    return Gathered((Hq, Wq, phases), (_i32_table(k.mod, f"{name}_rows", brows),
-                                       _i32_table(k.mod, f"{name}_vecs", bvecs)),
+    return Gathered((Hq, Wq, phases), (constant_table(k.mod, f"{name}_rows", I32, brows),
+                                       constant_table(k.mod, f"{name}_vecs", I32, bvecs)),
                     k.gemm_config.vw)
 
 
-def _i32_table(mod, name, values):
-    arr = ir.ArrayType(I32, len(values))
-    table = ir.GlobalVariable(mod, arr, name)
-    table.linkage = "internal"
-    table.global_constant = True
-    table.initializer = ir.Constant(arr, [int(v) for v in values])
-    return table
-
-
-def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
+def _phase_step(k, n, x_off, dst, first, imgs, geo, gather: Gathered):
     """A step writing images first..first+imgs to the arena at ``dst`` as zero-padded
-    phase planes (``Gathered.layout``: per channel, phase after phase, Hq x Wq each);
+    phase planes (``gather.layout``: per channel, phase after phase, Hq x Wq each);
     its items are (image, channel) planes."""
     H, W = _dims(geo)[:2]
-    Hq, Wq, phases = layout
     C = geo.channels
     fn, b, a = step_function(k.mod, k.step_name(n.name + "_pad"))
     xp = k.ptr(b, a, _arena(x_off))
@@ -265,15 +255,15 @@ def _phase_step(k, n, x_off, dst, first, imgs, geo, layout):
     lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as t:
         emit_phases(b, fptr(b, xp, b.mul(b.add(t, i64(first * C)), i64(H * W))),
-                    fptr(b, dp, b.mul(t, i64(len(phases) * Hq * Wq))), _dims(geo), layout)
+                    fptr(b, dp, b.mul(t, i64(gather.plane))), _dims(geo), gather.layout)
     b.ret_void()
-    k.add_step(fn.name, imgs * C * len(phases) * Hq * Wq // 4)
+    k.add_step(fn.name, imgs * C * gather.plane // 4)
 
 
 def emit_phases(b, src, out, dims, layout) -> None:
     """Code writing one input plane at ``src`` as its zero-padded phase planes at ``out``
-    (``dims`` as for _gather_tables, ``layout`` of its result).  Which rows and columns of a phase
-    are inside the image is known here, so the loops hold no bounds checks."""
+    (``dims`` as for _gather_tables, ``layout`` of its result).  Which rows and columns
+    of a phase are inside the image is known here, so the loops hold no bounds checks."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = dims
     Hq, Wq, phases = layout
     zero = ir.Constant(F32, 0.0)
@@ -334,7 +324,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
         ld = imgs * P
         gather = gathers.get(imgs)
         if gather:
-            _phase_step(k, n, x_off, cols, first, imgs, geo, gather.layout)
+            _phase_step(k, n, x_off, cols, first, imgs, geo, gather)
         else:
             _im2col_step(k, n, x_off, cols, first, imgs, geo, side_by_side=True)
         fn, b, a = step_function(k.mod, k.step_name(n.name))

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 
-from llvmlite import ir
-
 from ....ops import get_op
 from ....ops.base import canonical_axis
-from ..irutil import I64, byte_ptr, i64, loop, memcpy, part_range, step_function
+from ..irutil import I64, byte_ptr, constant_table, i64, loop, memcpy, part_range, \
+    step_function
 
 PIECE = 256 << 10
 
@@ -37,11 +36,7 @@ def emit_copies(k, name: str, blocks) -> None:
     pieces = [p for p in _pieces(blocks) if p[2] > 0]
     if not pieces:
         return
-    arr = ir.ArrayType(I64, 3 * len(pieces))
-    table = ir.GlobalVariable(k.mod, arr, f"{name}_table")
-    table.linkage = "internal"
-    table.global_constant = True
-    table.initializer = ir.Constant(arr, [v for p in pieces for v in p])
+    table = constant_table(k.mod, f"{name}_table", I64, [v for p in pieces for v in p])
     fn, b, a = step_function(k.mod, name)
     lo, hi = part_range(b, len(pieces), a["part"], a["nparts"])
     with loop(b, lo, hi, name="piece") as t:
