@@ -132,21 +132,43 @@ def test_convolution_prepacked_panels(tmp_path, rng, cpu):
     check(tmp_path, text, shapes, rng, threads=2, cpu=cpu)
 
 
-@pytest.mark.parametrize("geom", ["kernel_size: 3 pad: 1", "kernel_size: 5 pad: 2",
-                                  "kernel_size: 3 pad: 1 stride: 2", "kernel_size: 3 pad: 2 dilation: 2",
-                                  "kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0",
-                                  "kernel_size: 3 pad: 0"])
-@pytest.mark.parametrize("shape", [(2, 5, 9, 8), (1, 3, 7, 11)])
-def test_depthwise(tmp_path, rng, geom, shape):
-    """Depthwise (MobileNet): "same" stride-1 planes as shifted flat loops with the edge
-    columns recomputed, stride 2 through the four phases of the plane, and the row-by-row
-    general case."""
-    shapes = {"x": shape}
-    text = inputs_layer(shapes) + (
-        f'layer {{ name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param {{ '
-        f'num_output: {shape[1]} group: {shape[1]} {geom} }} }}\n'
-        'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }\n')
-    check(tmp_path, text, shapes, rng)
+@pytest.mark.parametrize("cpu", ["generic", "native"])
+def test_depthwise(tmp_path, rng, cpu):
+    """Depthwise (MobileNet): output rows just below, at and above one and two vectors
+    (the last vector stored with a mask), strides 1, 2 (two column phases) and 3,
+    padding 0 to beyond the kernel's reach, dilation, non-square kernels and strides,
+    several images; fused tails: ReLU, a per-channel Scale + PReLU, a residual add
+    written over the residual (so the last vector of every row is stored masked),
+    2 threads."""
+    from graphc.codegen.llvm import gemm, jit
+    vw = gemm.default_config(jit.target(cpu)).vw
+    cases = [(vw - 1, "kernel_size: 3 pad: 1"), (vw, "kernel_size: 3 pad: 1"),
+             (vw + 1, "kernel_size: 3 pad: 1 stride: 2"), (2 * vw, "kernel_size: 3 pad: 1 stride: 2"),
+             (2 * vw + 3, "kernel_size: 3 stride: 2"),
+             (2 * vw + 1, "kernel_size: 5 pad: 2"), (3, "kernel_size: 3 pad: 0"),
+             (2 * vw + 3, "kernel_size: 3 pad: 2 dilation: 2"),
+             (3 * vw - 2, "kernel_size: 3 pad: 3 stride: 3"),
+             (vw + 3, "kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0"),
+             (2 * vw - 3, "kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_w: 1"),
+             (4 * vw + 1, "kernel_size: 3 pad: 1 stride_h: 1 stride_w: 2 dilation: 2")]
+    layers, shapes = "", {}
+    for i, (w, geom) in enumerate(cases):
+        shapes[f"x{i}"] = (2, 3, 6 + i % 3, w)
+        layers += (f'layer {{ name: "c{i}" type: "Convolution" bottom: "x{i}" top: "c{i}" '
+                   f'convolution_param {{ num_output: 3 group: 3 bias_term: {str(i % 2 == 0).lower()} '
+                   f'{geom} }} }}\n'
+                   f'layer {{ name: "r{i}" type: "ReLU" bottom: "c{i}" top: "c{i}" }}\n')
+    shapes["y"] = (1, 5, 9, vw + 5)     # residual t dies at the add: written in place
+    layers += ('layer { name: "e" type: "Convolution" bottom: "y" top: "e" convolution_param { '
+               'num_output: 5 group: 5 kernel_size: 3 stride: 2 } }\n'
+               'layer { name: "sc" type: "Scale" bottom: "e" top: "e" scale_param { bias_term: true } }\n'
+               'layer { name: "pr" type: "PReLU" bottom: "e" top: "e" }\n'
+               'layer { name: "t" type: "Convolution" bottom: "y" top: "t" convolution_param { '
+               'num_output: 5 kernel_size: 1 } }\n'
+               'layer { name: "d" type: "Convolution" bottom: "y" top: "d" convolution_param { '
+               'num_output: 5 group: 5 kernel_size: 3 pad: 1 } }\n'
+               'layer { name: "s" type: "Eltwise" bottom: "d" bottom: "t" top: "s" }\n')
+    check(tmp_path, inputs_layer(shapes) + layers, shapes, rng, threads=2, cpu=cpu)
 
 
 @pytest.mark.parametrize("cpu", ["generic", "native"])

@@ -205,3 +205,15 @@ def load_vec(b: ir.IRBuilder, base, idx, width: int, mask=None):
     mt = ir.VectorType(I1, width)
     fn = intrinsic(b.module, f"llvm.masked.load.v{width}f32.p0", vt, [PTR, I32, mt, vt])
     return b.call(fn, [p, ir.Constant(I32, 4), mask, ir.Constant(vt, [0.0] * width)])
+
+
+def store_vec(b: ir.IRBuilder, x, base, idx, mask=None) -> None:
+    """Store vector ``x`` at &base[idx]; with ``mask`` only those lanes are written."""
+    p = fptr(b, base, idx)
+    if mask is None:
+        b.store(x, p, align=4)
+        return
+    mt = ir.VectorType(I1, x.type.count)
+    fn = intrinsic(b.module, f"llvm.masked.store.v{x.type.count}f32.p0", VOID,
+                   [x.type, PTR, I32, mt])
+    b.call(fn, [x, p, ir.Constant(I32, 4), mask])

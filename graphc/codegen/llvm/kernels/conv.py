@@ -31,7 +31,7 @@ Small images in a batch (P <= BATCH_P, e.g. ResNet's last stages): the columns o
 images side by side make one wider product, so the weights are packed once for all of
 them; a last step moves the rows into place and computes the tail.
 
-Depthwise (one input and one output channel per group) is direct: see _depthwise.  A
+Depthwise (one input and one output channel per group) is direct: see depthwise.py.  A
 1x1 convolution of 1x1 images is an inner product (linear.gemv).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from llvmlite import ir
 from ....ops.conv import Geometry
 from ..irutil import F32, I32, I64, PTR, constant_table, floor_div, fptr, get, i64, imax, \
     imin, load, loop, new_function, part_range, step_function, store, var
-from . import linear
+from . import depthwise, linear
 from .epilogue import ProgramEpilogue
 from .pointwise import FlatSite, channel_structure, emit_program
 
@@ -87,7 +87,8 @@ def lower(k, n, anchor, steps, tensors, out_off):
     bias = len(params) > 1
     cg, og = geo.channels // geo.group, geo.num_output // geo.group
     if cg == 1 and og == 1:
-        return _depthwise(k, n, geo, k.loc(x), params, steps, tensors, out_off)
+        return depthwise.lower(k, n, geo, _dims(geo), k.loc(x), params, steps, tensors,
+                               out_off)
     if geo.group == 1 and math.prod(geo.spatial) == 1 and all(v == 1 for v in geo.kernel) \
             and not any(geo.pad) and geo.num <= linear.SMALL_M:
         # a 1x1 convolution of a 1x1 image (MobileNet's classifier) is an inner product
@@ -407,17 +408,6 @@ def _arena(off):
     return Src("arena", off)
 
 
-def _valid_range(b, start, step: int, lo_bound, hi_bound, n_out):
-    """Output positions o in [0, n_out) with lo_bound <= start + o*step < hi_bound, as
-    (o_lo, o_hi) clamped to [0, n_out] (start: i64 value, may be negative)."""
-    # o >= ceil((lo_bound - start) / step),  o <= floor((hi_bound - 1 - start) / step)
-    o_lo = b.sub(i64(0), floor_div(b, b.sub(start, lo_bound), step))
-    o_hi = b.add(floor_div(b, b.sub(b.sub(hi_bound, i64(1)), start), step), i64(1))
-    o_lo = imin(b, imax(b, o_lo, i64(0)), n_out)
-    o_hi = imax(b, imin(b, o_hi, n_out), o_lo)
-    return o_lo, o_hi
-
-
 def _make_im2col(mod, name, sw: int):
     """dst[kk * ldd + j] for kk = (c, kh, kw) and output pixels p0 + j, j < plen: the
     input at (c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW), 0 outside the image."""
@@ -520,19 +510,6 @@ def _make_im2col_flat(mod, name):
     return fn
 
 
-def _deinterleave(b, src, dsts, n: int, vw: int = 8) -> ir.Value:
-    """dsts[0][j] = src[2j], dsts[1][j] = src[2j + 1] for j < (n // (2 vw)) * vw, two
-    vectors loaded and split by shuffles; returns that count (the caller does the rest)."""
-    vt = ir.VectorType(F32, 2 * vw)
-    count = n // (2 * vw)
-    lanes = [ir.Constant(ir.VectorType(I32, vw), list(range(p, 2 * vw, 2))) for p in (0, 1)]
-    with loop(b, 0, count, name="dei") as t:
-        x = b.load(fptr(b, src, b.mul(t, i64(2 * vw))), typ=vt, align=4)
-        for dst, sel in zip(dsts, lanes):
-            b.store(b.shuffle_vector(x, x, sel), fptr(b, dst, b.mul(t, i64(vw))), align=4)
-    return i64(count * vw)
-
-
 def _copy_stride2(b, src_row, row, base, iw0, W, v_lo, v_hi, vw: int = 8):
     """row[base + ow] = src_row[2 * ow + iw0] for ow from v_lo, vw at a time: two vectors
     loaded and their even lanes kept (LLVM would gather), while the loaded elements stay
@@ -552,7 +529,8 @@ def _copy_stride2(b, src_row, row, base, iw0, W, v_lo, v_hi, vw: int = 8):
 
 
 def _valid_range_rt(b, start, step, size, n_out):
-    """Like _valid_range with a runtime step: o with 0 <= start + o*step < size."""
+    """Output positions o in [0, n_out) with 0 <= start + o*step < size, as (o_lo, o_hi)
+    clamped to [0, n_out] (runtime values; start may be negative)."""
     # o >= ceil(-start / step) = -floor(start / step);  o <= floor((size - 1 - start) / step)
     def fdiv(x, d):
         q = b.sdiv(x, d)
@@ -563,152 +541,3 @@ def _valid_range_rt(b, start, step, size, n_out):
     o_lo = imin(b, imax(b, o_lo, i64(0)), n_out)
     o_hi = imax(b, imin(b, o_hi, n_out), o_lo)
     return o_lo, o_hi
-
-
-# ---------------------------------------------------------------------------------------
-# depthwise
-
-
-def _depthwise(k, n, geo, x_off, params, steps, tensors, out_off):
-    """Per plane: the bias, then every tap's ``w * x`` added over the output positions
-    it reaches, in the plane's scratch accumulator; then the tail on the way out.
-
-    Stride 1 with "same" width (MobileNet's 3x3, pad 1): a tap is a constant shift of
-    the flattened plane, so it is one long vectorizable loop; the output columns whose
-    window leaves the image horizontally (the shift wrapped them into the next row) are
-    then recomputed with bounds checks.  Stride 2 with OW = ceil(W / 2): the plane is
-    first split into its four (row parity, column parity) phases, each as wide as the
-    output; a tap reads one phase at a constant shift, and the same holds.  Otherwise row
-    by row, each tap over the columns where it is inside the image."""
-    H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
-    N, C = geo.num, geo.channels
-    P, HW = OH * OW, H * W
-    dim, inner = channel_structure(geo.out_shape())
-    w_src = k.param_src(params[0])
-    b_src = k.param_src(params[1]) if len(params) > 1 else None
-    flat = SH == SW == 1 and OW == W
-    phased = SH == SW == 2 and DH == DW == 1 and OW == (W + 1) // 2 and not flat
-    Hq, Wq = (H + 1) // 2, (W + 1) // 2            # a phase plane (stride 2)
-    k.need_scratch(4 * P + (4 * 4 * Hq * Wq if phased else 0))
-    fn, b, a = step_function(k.mod, k.step_name(n.name))
-    xp = k.ptr(b, a, _arena(x_off))
-    yp = k.ptr(b, a, _arena(out_off))
-    wp = k.ptr(b, a, w_src)
-    bp = k.ptr(b, a, b_src) if b_src else None
-    acc = a["scratch"]
-    phases = fptr(b, acc, P)
-    taps = [(kh, kw, kh * DH - PH, kw * DW - PW) for kh in range(KH) for kw in range(KW)]
-
-    def add_tap(wv, src_ptr, dst_ptr, lo, hi, step_x):
-        """dst[o] += wv * src[o * step_x] for o in [lo, hi)."""
-        with loop(b, lo, hi, name="tap") as o:
-            xv = load(b, src_ptr, b.mul(o, i64(step_x)) if step_x != 1 else o)
-            pa = fptr(b, dst_ptr, o)
-            b.store(b.fadd(b.load(pa, typ=F32), b.fmul(wv, xv)), pa)
-
-    def fill(lo, hi, init):
-        if lo < hi:
-            with loop(b, lo, hi, name="fill") as i:
-                store(b, init, acc, i)
-
-    def shifted_taps(src, wc, init):
-        """Flat and phased: each tap is one shifted run of the output; where every tap's
-        run is inside its plane (the interior rows) all taps are summed in one pass (the
-        same order of additions), elsewhere tap by tap; then the edge columns exactly."""
-        s_ = SH
-        runs = []
-        for kh, kw, dh, dw in taps:
-            if phased:
-                rp, cp = dh % 2, dw % 2
-                roff, coff = (dh - rp) // 2, (dw - cp) // 2
-                rows = (H - rp + 1) // 2               # valid rows of that phase
-                plane_ptr = fptr(b, phases, (2 * rp + cp) * Hq * Wq)
-                shift, width, size = roff * Wq + coff, Wq, Hq * Wq
-            else:
-                roff, rows, plane_ptr = dh, H, src
-                shift, width, size = dh * W + dw, W, HW
-            i_lo = max(max(0, -roff) * OW, -shift)
-            i_hi = min(min(OH, rows - roff) * OW, size - shift)
-            if i_lo < i_hi:     # (width == OW: output index + shift = input index)
-                runs.append((load(b, wc, kh * KW + kw), fptr(b, plane_ptr, shift), i_lo, i_hi))
-        in_lo = max([r[2] for r in runs], default=0)
-        in_hi = min([r[3] for r in runs], default=0)
-        if in_lo >= in_hi:
-            in_lo = in_hi = 0
-        fill(0, in_lo, init)
-        fill(in_hi, P, init)
-        if in_lo < in_hi:
-            with loop(b, in_lo, in_hi, name="inner") as o:
-                total = init
-                for wv, ptr, _, _ in runs:
-                    total = b.fadd(total, b.fmul(wv, load(b, ptr, o)))
-                store(b, total, acc, o)
-        for wv, ptr, i_lo, i_hi in runs:      # the rows outside the interior
-            for lo, hi in ((i_lo, min(i_hi, in_lo)), (max(i_lo, in_hi), i_hi)):
-                if lo < hi:
-                    add_tap(wv, ptr, acc, i64(lo), i64(hi), 1)
-        # columns where some tap's window leaves the image sideways: recompute exactly
-        edge = sorted({ow for ow in range(OW) for _, _, _, dw in taps
-                       if not 0 <= ow * s_ + dw < W})
-        if not edge:
-            return
-        with loop(b, 0, OH, name="eoh") as oh:
-            for ow in edge:
-                slot = fptr(b, acc, b.add(b.mul(oh, i64(OW)), i64(ow)))
-                total = var(b, init, "edge")
-                for kh, kw, dh, dw in taps:
-                    iw = ow * s_ + dw
-                    if not 0 <= iw < W:
-                        continue
-                    ih = b.add(b.mul(oh, i64(s_)), i64(dh))
-                    ok = b.and_(b.icmp_signed(">=", ih, i64(0)), b.icmp_signed("<", ih, i64(H)))
-                    with b.if_then(ok):
-                        xv = load(b, src, b.add(b.mul(ih, i64(W)), i64(iw)))
-                        b.store(b.fadd(get(b, total),
-                                       b.fmul(load(b, wc, kh * KW + kw), xv)), total)
-                b.store(get(b, total), slot)
-
-    lo, hi = part_range(b, N * C, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="plane") as plane:
-        c = b.urem(plane, i64(C))
-        src = fptr(b, xp, b.mul(plane, i64(HW)))
-        wc = fptr(b, wp, b.mul(c, i64(KH * KW)))
-        init = load(b, bp, c) if bp is not None else ir.Constant(F32, 0.0)
-        if not (flat or phased):
-            fill(0, P, init)
-        if phased:   # phase (rp, cp)[i, j] = x[2i + rp, 2j + cp]
-            for rp in (0, 1):
-                with loop(b, 0, (H - rp + 1) // 2, name="prow") as i:
-                    srow = fptr(b, src, b.mul(b.add(b.mul(i, i64(2)), i64(rp)), i64(W)))
-                    dsts = [fptr(b, phases, b.add(i64((2 * rp + cp) * Hq * Wq),
-                                                  b.mul(i, i64(Wq)))) for cp in (0, 1)]
-                    done = _deinterleave(b, srow, dsts, W)
-                    for cp in (0, 1):
-                        with loop(b, done, (W - cp + 1) // 2, name="pcol") as j:
-                            store(b, load(b, srow, b.add(b.mul(j, i64(2)), i64(cp))),
-                                  dsts[cp], j)
-                        if (W - cp + 1) // 2 < Wq:     # keep the unused last column finite
-                            store(b, ir.Constant(F32, 0.0), dsts[cp], Wq - 1)
-        if flat or phased:
-            shifted_taps(src, wc, init)
-        else:
-            with loop(b, 0, OH, name="oh") as oh:
-                arow = fptr(b, acc, b.mul(oh, i64(OW)))
-                for kh in range(KH):
-                    ih = b.add(b.mul(oh, i64(SH)), i64(kh * DH - PH))
-                    inside = b.and_(b.icmp_signed(">=", ih, i64(0)),
-                                    b.icmp_signed("<", ih, i64(H)))
-                    with b.if_then(inside):
-                        src_row = fptr(b, src, b.mul(ih, i64(W)))
-                        for kw in range(KW):
-                            iw0 = kw * DW - PW
-                            o_lo, o_hi = _valid_range(b, i64(iw0), SW, i64(0), i64(W), i64(OW))
-                            add_tap(load(b, wc, kh * KW + kw), fptr(b, src_row, iw0), arow,
-                                    o_lo, o_hi, SW)
-        obase = b.mul(plane, i64(P))
-        with loop(b, 0, P, name="out") as j:
-            i = b.add(obase, j)
-            site = FlatSite(b, k, a, tensors, i, c, dim, inner)
-            store(b, emit_program(site, steps, load(b, acc, j)), yp, i)
-    b.ret_void()
-    k.add_step(fn.name, 2 * N * C * P * KH * KW)
