@@ -158,6 +158,11 @@ def test_depthwise(tmp_path, rng, cpu):
                    f'convolution_param {{ num_output: 3 group: 3 bias_term: {str(i % 2 == 0).lower()} '
                    f'{geom} }} }}\n'
                    f'layer {{ name: "r{i}" type: "ReLU" bottom: "c{i}" top: "c{i}" }}\n')
+    # rows much narrower than a vector, enough planes for the step to run in 2 parts: a
+    # row's last vector must not spill into the next part's plane
+    shapes["n"] = (2, 128, 20, 3)
+    layers += ('layer { name: "nn" type: "Convolution" bottom: "n" top: "nn" convolution_param { '
+               'num_output: 128 group: 128 kernel_size: 3 } }\n')
     shapes["y"] = (1, 5, 9, vw + 5)     # residual t dies at the add: written in place
     layers += ('layer { name: "e" type: "Convolution" bottom: "y" top: "e" convolution_param { '
                'num_output: 5 group: 5 kernel_size: 3 stride: 2 } }\n'

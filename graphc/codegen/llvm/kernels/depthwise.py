@@ -4,18 +4,22 @@ Each plane (image, channel) is one item of the step's parts:
 
 1. The plane is copied zero-padded into the thread's scratch, a padded row r holding
    image row r - PH; with column stride S the row is split into its S column phases
-   (phase p, column j holds padded column j * S + p), so that every tap reads a vector
-   of consecutive output columns as one contiguous run: tap (kh, kw) of output row oh
-   reads padded row oh * SH + kh * DH, phase (kw * DW) % S, from column
-   ow + (kw * DW) // S.  Rows and phases are wide enough for whole vectors, so the
-   inner loop has no bounds checks; only the final vector of an output row is stored
-   with a mask.
-2. Per vector of output columns: the bias, then each tap's weight (a splat) times the
-   loaded run, fused multiply-adds in a register; the fused tail (ReLU, a residual add,
-   a per-channel Scale, ...) on the register; one store.
+   (phase p, column j holds padded column j * S + p; for S = 2 split with shuffles), so
+   that every tap reads a vector of consecutive output columns as one contiguous run:
+   tap (kh, kw) of output row oh reads padded row oh * SH + kh * DH, phase (kw * DW) % S,
+   from column ow + (kw * DW) // S.  Rows and phases are wide enough for whole vectors,
+   so the inner loop has no bounds checks.
+2. Per block of ROWS output rows and vector of output columns: the bias, then each tap's
+   weight (a splat) times the loaded run, fused multiply-adds in registers, each run
+   loaded once for all the rows of the block that read it (a 3x3 tap serves 3); the
+   fused tail (ReLU, a residual add, a per-channel Scale, ...) on the register; one
+   store.  A masked store is slow, so a row's last vector (the row's last columns) is
+   stored whole, written before the next row's first vector overwrites what spilled,
+   except in the plane's last rows (where it would spill out of the plane) and when the
+   tail reads the output in place.
 
-A 3x3 tap costs one unaligned load and one FMA per 8 outputs, so the loop runs near
-the machine's two loads per cycle; the copy reads the plane once more (from cache).
+With 9 multiply-adds per output element (18 flops per 8 bytes read and written) the
+kernel is bound by moving the activations rather than by the FMAs.
 """
 from __future__ import annotations
 
@@ -93,23 +97,27 @@ def lower(k, n, geo, dims, x_off, params, steps, tensors, out_off):
                 site = _VectorSite(b, k, a, tensors, at, c, vw, m)
                 store_vec(b, emit_program(site, steps, acc), yp, at, m)
 
-        def emit_rows(oh0, nrows, last):
-            """The row's last vector first: unless the output is also read (in place),
-            its lanes past the row may be written, as the next row's first vector
-            overwrites them later; only the plane's last row needs the mask."""
+        def emit_rows(oh0, nrows, masked):
+            """Rows oh0 .. oh0 + nrows - 1, each row's last vector first, with a mask
+            for the rows i where masked(i): the other rows' last vectors may write past
+            the row end, as the rows after them overwrite that later."""
             if tail:
-                masks = [mask if in_place or (last and i == nrows - 1) else None
-                         for i in range(nrows)]
-                emit_block(oh0, nrows, i64((nvec - 1) * vw), masks)
+                emit_block(oh0, nrows, i64((nvec - 1) * vw),
+                           [mask if masked(i) else None for i in range(nrows)])
             if nvec - bool(tail):
                 with loop(b, 0, nvec - bool(tail), name="ov") as v:
                     emit_block(oh0, nrows, b.mul(v, i64(vw)), [None] * nrows)
 
-        blocks, rest = divmod(OH, ROWS)
-        if blocks - (not rest) > 0:
-            with loop(b, 0, blocks - (not rest), name="oh") as blk:
-                emit_rows(b.mul(blk, i64(ROWS)), ROWS, False)
-        emit_rows(i64(OH - (rest or ROWS)), rest or ROWS, True)
+        # rows whose last vector stays inside the plane may write past their end; when
+        # the tail reads the output, none may (what it reads must not be overwritten)
+        free = OH if not tail else 0 if in_place else \
+            min(OH, max(0, (P - nvec * vw) // OW + 1))
+        looped = (OH if in_place else free) // ROWS
+        if looped:
+            with loop(b, 0, looped, name="oh") as blk:
+                emit_rows(b.mul(blk, i64(ROWS)), ROWS, lambda i: in_place and bool(tail))
+        for oh0 in range(looped * ROWS, OH, ROWS):          # the last rows, unrolled
+            emit_rows(i64(oh0), min(ROWS, OH - oh0), lambda i, oh0=oh0: oh0 + i >= free)
     b.ret_void()
     k.add_step(fn.name, 2 * N * C * P * KH * KW)
 
