@@ -572,27 +572,14 @@ class GemmGenerator:
                 for v in range(NV):
                     _store(b, zero, dst, b.add(b.mul(k, i64(NR)), i64(v * VW)), align=4 * VW)
 
-        # the whole panels row by row: B is read in its own order (a panel at a time, each
-        # k would start a new row of B: one cache line from each of kc rows, ldb apart,
-        # which the hardware prefetchers do not follow)
-        full = b.mul(b.sdiv(a["nc"], i64(NR)), i64(NR))
-        with loop(b, 0, a["kc"], name="k") as k:
-            src = _addr(b, F32, a["b"], b.mul(k, a["ldb"]))
-            dst = _addr(b, F32, a["bp"], b.mul(k, i64(NR)))
-            with loop(b, 0, full, NR, name="q") as q:
-                for v in range(NV):
-                    x = _load_vec(b, vt, src, b.add(q, i64(v * VW)))
-                    _store(b, x, dst, b.add(b.mul(q, a["kcp"]), i64(v * VW)), align=4 * VW)
-        with loop(b, 0, full, NR, name="qz") as q:          # their zero rows kc..kcp
-            dst = _addr(b, F32, a["bp"], b.mul(q, a["kcp"]))
-            with loop(b, a["kc"], a["kcp"], name="kz") as k:
-                for v in range(NV):
-                    _store(b, zero, dst, b.add(b.mul(k, i64(NR)), i64(v * VW)), align=4 * VW)
-        cols = b.sub(a["nc"], full)
-        with b.if_then(b.icmp_signed(">", cols, i64(0))):
-            # the last, partial panel: masked loads, zeros beyond nc
-            n = splat(b, b.trunc(cols, I32), VW)
-            copy_panel(full, [b.icmp_signed("<", iota[v], n) for v in range(NV)])
+        with loop(b, 0, a["nc"], NR, name="q") as q:
+            cols = b.sub(a["nc"], q)
+            with b.if_else(b.icmp_signed(">=", cols, i64(NR)), likely=True) as (full, part):
+                with full:
+                    copy_panel(q, [None] * NV)
+                with part:  # the last, partial panel: masked loads, zeros beyond nc
+                    n = splat(b, b.trunc(cols, I32), VW)
+                    copy_panel(q, [b.icmp_signed("<", iota[v], n) for v in range(NV)])
         b.ret_void()
         return fn
 
