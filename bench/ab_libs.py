@@ -8,7 +8,8 @@ idle before each run (0: back to back).  Libraries with the same inputs get the 
 random input, and their outputs are compared with the first's (relative L2) before
 anything is timed.  Prints the median, p90 and minimum per library and each median's
 ratio to the first's.  With ``--layers K``, each round also profiles K back-to-back runs
-of every library with the runtime's per-node timers and prints the per-layer medians
+of every library with the runtime's per-node timers (10 ms after the library before it
+ran, so that library's spinning workers are asleep) and prints the per-layer medians
 side by side (libraries whose layers have the same names: builds of one net).
 """
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+SETTLE_S = 0.01
 
 
 def main(argv=None) -> int:
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
             nets[i].forward(**feeds[i])
             times[i].append(time.perf_counter() - t0)
             if args.layers:
+                # the other libraries' workers spin for a while after their runs
+                # (GRAPHC_SPIN_US, 2 ms by default): let them fall asleep first
+                time.sleep(SETTLE_S)
                 per, total = nets[i].profile(iterations=args.layers, **feeds[i])
                 for name, _, secs in per + [("(forward)", "", total)]:
                     layers[i].setdefault(name, []).append(secs)

@@ -96,6 +96,18 @@ def test_parts_partition_c(native, rng, M, N, K):
     assert rel_l2(C, A.astype(np.float64) @ B) <= 1e-5
 
 
+def test_last_panel_tiles(native, rng):
+    """A last panel of 1-3 columns runs the column tile (vectors along the rows), of up
+    to VW the one-vector tile, wider ones the full tile: each remainder, with a bottom
+    edge, several K blocks, accumulating or not, on 1 and 2 threads."""
+    cfg = gemm.default_config(jit.target("native"))
+    assert "_ukernel_cols" in gemm.gemm_ir(cfg, name="t") or cfg.mr > cfg.vw
+    for extra in (1, 2, 3, 4, cfg.vw, cfg.vw + 1):
+        for threads in (1, 2):
+            check(native, rng, 2 * cfg.mr + 1, cfg.nr + extra, 300, threads)
+            check(native, rng, cfg.mr - 1, extra, 7, threads, accumulate=True)
+
+
 def test_native_accumulate(native, rng):
     for M, N, K in [(7, 13, 17), (200, 33, 600), (5, 700, 30)]:
         for threads in (1, 2):

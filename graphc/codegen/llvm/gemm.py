@@ -516,6 +516,63 @@ class GemmGenerator:
         for v in range(nv):
             _store_vec(b, b.load(slots[v], typ=vt), a["c"], offs[v], masks[v])
 
+    #: a last panel of at most this many columns runs the column tile (emit_ukernel_cols)
+    COLS_MAX = 3
+
+    def emit_ukernel_cols(self, mod):
+        """The tile of the last ``nr <= COLS_MAX`` columns, column by column with the
+        vectors along the MR rows: per k one load of the A panel's MR values, one
+        broadcast of B and one FMA (the one-vector tile would spend MR FMAs and a
+        masked store per row on a column); ``unroll`` partial sums hide the FMA
+        latency.  Needs MR <= VW.  Same arguments as the microkernel."""
+        c, vt = self.cfg, self.vt
+        MR, VW, NR = c.mr, c.vw, c.nr
+        args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
+                ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
+                *self.epi.args]
+        fn, b, a = new_function(mod, f"{self.name}_ukernel_cols", args, internal=True)
+        for p in ("ap", "bp", "c"):
+            fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
+        fma = self._fma_fn(mod)
+        zero = ir.Constant(vt, [0.0] * VW)
+        rows = ir.Constant(ir.VectorType(I1, VW), [i < MR for i in range(VW)])
+        load_c = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_LOAD_C)),
+                                 ir.Constant(I32, 0))
+        do_epi = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_EPILOGUE)),
+                                 ir.Constant(I32, 0))
+        v1 = ir.VectorType(F32, 1)
+        with loop(b, 0, a["nr"], name="j") as j:
+            parts = [var(b, zero, f"part{u}") for u in range(c.unroll)]
+            with loop(b, 0, a["kcp"], c.unroll, name="k") as k:
+                for u, slot in enumerate(parts):
+                    ku = b.add(k, i64(u)) if u else k
+                    av = _load_vec(b, vt, a["ap"], b.mul(ku, i64(MR)), rows)
+                    bk = splat(b, _load(b, F32, a["bp"], b.add(b.mul(ku, i64(NR)), j),
+                                        align=4), VW)
+                    b.store(b.call(fma, [av, bk, b.load(slot, typ=vt)]), slot)
+            sums = [b.load(slot, typ=vt) for slot in parts]
+            while len(sums) > 1:
+                sums = [b.fadd(sums[i], sums[i + 1]) if i + 1 < len(sums) else sums[i]
+                        for i in range(0, len(sums), 2)]
+            acc = sums[0]
+            col = b.add(a["col"], j)
+            for r in range(MR):
+                in_c = b.icmp_signed("<", i64(r), a["mr"])
+                with b.if_then(in_c, likely=True) if r else nullcontext():
+                    at = b.add(b.mul(i64(r), a["ldc"]), j)
+                    slot = var(b, b.extract_element(acc, ir.Constant(I32, r)))
+                    with b.if_then(load_c):
+                        b.store(b.fadd(b.load(slot, typ=F32), _load(b, F32, a["c"], at)), slot)
+                    if not self.epi.is_identity:
+                        with b.if_then(do_epi):
+                            x = b.insert_element(ir.Constant(v1, ir.Undefined),
+                                                 b.load(slot, typ=F32), ir.Constant(I32, 0))
+                            x = self.epi.vector(b, x, b.add(a["row"], i64(r)), col, a, None)
+                            b.store(b.extract_element(x, ir.Constant(I32, 0)), slot)
+                    _store(b, b.load(slot, typ=F32), a["c"], at)
+        b.ret_void()
+        return fn
+
     # -- packing ------------------------------------------------------------------------
 
     def emit_pack_a(self, mod):
@@ -623,7 +680,7 @@ class GemmGenerator:
 
     # -- driver -------------------------------------------------------------------------
 
-    def emit_gemm(self, mod, ukernel, pack_a, pack_b, narrow=None):
+    def emit_gemm(self, mod, ukernel, pack_a, pack_b, narrow=None, cols=None):
         c = self.cfg
         MR, NR, KC, MC, NC = c.mr, c.nr, c.kc, c.mc, c.nc
         args = [("M", I64), ("N", I64), ("K", I64), ("A", PTR), ("lda", I64), ("B", PTR),
@@ -652,6 +709,16 @@ class GemmGenerator:
         rows_m = b.mul(ceil_div(tm, nparts), i64(MR))  # busiest part's rows, split by rows
         cols_n = b.mul(ceil_div(tn, nparts), i64(NR))  # busiest part's columns, split by columns
         m_pad, n_pad = b.mul(tm, i64(MR)), b.mul(tn, i64(NR))
+        # the last panel's cost in columns of the full tile: the column tile spends one
+        # FMA per column where the full tile spends MR * NV on NR columns
+        rem = b.sub(N, b.mul(b.sub(tn, i64(1)), i64(NR)))
+        last_cost = i64(NR)
+        if narrow is not None:
+            last_cost = b.select(b.icmp_signed("<=", rem, i64(c.vw)), i64(c.vw), last_cost)
+        if cols is not None:
+            cost = b.sdiv(b.add(b.mul(rem, i64(NR)), i64(MR * c.nv - 1)), i64(MR * c.nv))
+            last_cost = b.select(b.icmp_signed("<=", rem, i64(self.COLS_MAX)), cost, last_cost)
+        n_pad = b.add(b.sub(n_pad, i64(NR)), last_cost)
         pa = i64(0 if self.packed_a else self.PACK_A_COST)
         pb = i64(0 if self.packed_b else self.PACK_B_COST)
         work_m = b.add(b.add(b.mul(i64(2), b.mul(rows_m, n_pad)), b.mul(pb, N)),
@@ -729,14 +796,23 @@ class GemmGenerator:
                             b.call(uk, [kcp, a_panel, b_panel, cptr, a["ldc"],
                                         mr, nr, flags, row, col, *epi_args])
 
-                    if narrow is None:
-                        tiles(ukernel)
-                    else:   # a last panel of at most VW columns: the one-vector tile
-                        with b.if_else(b.icmp_signed("<=", nr, i64(c.vw))) as (thin, wide):
+                    # a last panel of at most COLS_MAX columns: the column tile; of at
+                    # most VW: the one-vector tile
+                    kinds = [(k_, w) for k_, w in ((cols, self.COLS_MAX), (narrow, c.vw))
+                             if k_ is not None]
+
+                    def dispatch(kinds):
+                        if not kinds:
+                            tiles(ukernel)
+                            return
+                        (kern, width), rest = kinds[0], kinds[1:]
+                        with b.if_else(b.icmp_signed("<=", nr, i64(width))) as (thin, wide):
                             with thin:
-                                tiles(narrow)
+                                tiles(kern)
                             with wide:
-                                tiles(ukernel)
+                                dispatch(rest)
+
+                    dispatch(kinds)
             b.store(pc_next, pc_var)
             after = b.append_basic_block("pc.end")
             b.cbranch(b.icmp_signed("<", pc_next, K), body, after)
@@ -754,10 +830,12 @@ class GemmGenerator:
         # N rarely ends on a whole panel (a 14x14 image: 196 = 6 x 32 + 4): a last panel
         # of at most VW columns runs the one-vector tile, half the wasted FMAs
         narrow = self.emit_ukernel(mod, nv=1) if self.cfg.nv > 1 else None
+        # and a last panel of a few columns (a 7x7 image: 49 = 3 x 16 + 1) the column tile
+        cols = self.emit_ukernel_cols(mod) if self.cfg.mr <= self.cfg.vw else None
         pack_a = None if self.packed_a else self.emit_pack_a(mod)
         pack_b = None if self.packed_b else \
             self.emit_pack_b_gathered(mod) if self.gathered_b else self.emit_pack_b(mod)
-        self.emit_gemm(mod, uk, pack_a, pack_b, narrow)
+        self.emit_gemm(mod, uk, pack_a, pack_b, narrow, cols)
         return mod
 
 
