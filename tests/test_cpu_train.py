@@ -121,9 +121,12 @@ layer { name: "ip" type: "InnerProduct" bottom: "c2" top: "ip"
   inner_product_param { num_output: 5 } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
 """)
+    # tolerance 1e-4: c2's bias gradient (6 sums of ~200 terms of dy that largely cancel)
+    # came out 2.5e-5 from the reference's with seed 559841604, identically on commit
+    # 9046de5 (before the GEMM's column tile); other seeds agree to 2e-5
     cpu = compare(tmp_path, rng, text,
                   {"data": rng.standard_normal((n, 3, 4, w)).astype(np.float32),
-                   "label": labels(rng, n, 5)})
+                   "label": labels(rng, n, 5)}, tol=1e-4)
     ir_text = cpu.compiled_train().program.ir
     assert set(re.findall(r'@"?gk_s\d+_(\w+?)_gather_rows"? = internal', ir_text)) == \
         {"c1", "c1b", "c2", "c1b_grad_dx"}
