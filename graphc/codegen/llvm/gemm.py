@@ -321,11 +321,17 @@ def _load_vec(b, vt, base, idx, mask=None):
 
 
 def _store_vec(b, x, base, idx, mask=None):
+    # not irutil.store_vec: no inbounds, as a masked-off vector may start past C's end
     if mask is None:
         _store(b, x, base, idx, align=4)
     else:
         fn = _masked_intrinsic(b.module, "store", x.type)
         b.call(fn, [x, _addr(b, F32, base, idx), ir.Constant(I32, 4), mask])
+
+
+def _flag(b, a, bit: int):
+    """Whether the tile kernel's ``flags`` argument has ``bit``."""
+    return b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, bit)), ir.Constant(I32, 0))
 
 
 
@@ -395,6 +401,17 @@ class GemmGenerator:
             return mod.globals[name]
         return ir.Function(mod, ir.FunctionType(self.vt, [self.vt] * 3), name)
 
+    def _tile_function(self, mod, name):
+        """A tile kernel's function: (kcp, ap, bp, c, ldc, mr, nr, flags, row, col,
+        *epilogue args) -> (fn, builder, args)."""
+        args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
+                ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
+                *self.epi.args]
+        fn, b, a = new_function(mod, name, args, internal=True)
+        for p in ("ap", "bp", "c"):
+            fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
+        return fn, b, a
+
     def emit_ukernel(self, mod, nv: int | None = None):
         """The MR x (nv * VW) microkernel (nv: the config's, or fewer vectors for the
         narrow last panel; the B panel rows stay NR floats apart)."""
@@ -402,13 +419,8 @@ class GemmGenerator:
         MR, VW, NR = c.mr, c.vw, c.nr
         NV = nv or c.nv
         TW = NV * VW                    # the tile's width
-        args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
-                ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
-                *self.epi.args]
         suffix = "" if NV == c.nv else f"_n{NV}"
-        fn, b, a = new_function(mod, f"{self.name}_ukernel{suffix}", args, internal=True)
-        for p in ("ap", "bp", "c"):
-            fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
+        fn, b, a = self._tile_function(mod, f"{self.name}_ukernel{suffix}")
         fma = self._fma_fn(mod)
         zero = ir.Constant(vt, [0.0] * VW)
 
@@ -469,10 +481,7 @@ class GemmGenerator:
                 row.append(p)
             res.append(row)
 
-        load_c = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_LOAD_C)),
-                                 ir.Constant(I32, 0))
-        do_epi = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_EPILOGUE)),
-                                 ir.Constant(I32, 0))
+        load_c, do_epi = _flag(b, a, FLAG_LOAD_C), _flag(b, a, FLAG_EPILOGUE)
         with b.if_else(b.icmp_signed("==", a["nr"], i64(TW)), likely=True) as (then, otherwise):
             with then:
                 self._store_tile(b, a, res, load_c, do_epi, masks=[None] * NV)
@@ -487,8 +496,7 @@ class GemmGenerator:
 
     def _store_tile(self, b, a, res, load_c, do_epi, masks):
         """Rows r < mr of the tile: (+ C), (epilogue on the last K block), store to C."""
-        c, vt = self.cfg, self.vt
-        for r in range(c.mr):
+        for r in range(self.cfg.mr):
             # row 0 always exists; the others only where mr says so (bottom edge of C)
             in_c = b.icmp_signed("<", i64(r), a["mr"])
             with b.if_then(in_c, likely=True) if r else nullcontext():
@@ -527,19 +535,11 @@ class GemmGenerator:
         latency.  Needs MR <= VW.  Same arguments as the microkernel."""
         c, vt = self.cfg, self.vt
         MR, VW, NR = c.mr, c.vw, c.nr
-        args = [("kcp", I64), ("ap", PTR), ("bp", PTR), ("c", PTR), ("ldc", I64),
-                ("mr", I64), ("nr", I64), ("flags", I32), ("row", I64), ("col", I64),
-                *self.epi.args]
-        fn, b, a = new_function(mod, f"{self.name}_ukernel_cols", args, internal=True)
-        for p in ("ap", "bp", "c"):
-            fn.args[[n for n, _ in args].index(p)].add_attribute("noalias")
+        fn, b, a = self._tile_function(mod, f"{self.name}_ukernel_cols")
         fma = self._fma_fn(mod)
         zero = ir.Constant(vt, [0.0] * VW)
         rows = ir.Constant(ir.VectorType(I1, VW), [i < MR for i in range(VW)])
-        load_c = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_LOAD_C)),
-                                 ir.Constant(I32, 0))
-        do_epi = b.icmp_unsigned("!=", b.and_(a["flags"], ir.Constant(I32, FLAG_EPILOGUE)),
-                                 ir.Constant(I32, 0))
+        load_c, do_epi = _flag(b, a, FLAG_LOAD_C), _flag(b, a, FLAG_EPILOGUE)
         v1 = ir.VectorType(F32, 1)
         with loop(b, 0, a["nr"], name="j") as j:
             parts = [var(b, zero, f"part{u}") for u in range(c.unroll)]
