@@ -135,9 +135,10 @@ def test_convolution_prepacked_panels(tmp_path, rng, cpu):
 @pytest.mark.parametrize("cpu", ["generic", "native"])
 def test_depthwise(tmp_path, rng, cpu):
     """Depthwise (MobileNet): output rows just below, at and above one and two vectors
-    (the last vector stored with a mask), strides 1, 2 (two column phases) and 3,
-    padding 0 to beyond the kernel's reach, dilation, non-square kernels and strides,
-    several images; fused tails: ReLU, a per-channel Scale + PReLU, a residual add
+    (a row's last vector stored whole, masked only where it would leave the plane),
+    strides 1, 2 (two column phases) and 3, padding 0 to beyond the kernel's reach,
+    dilation, non-square kernels and strides, several images, 1-column rows over many
+    planes in 2 parts; fused tails: ReLU, a per-channel Scale + PReLU, a residual add
     written over the residual (so the last vector of every row is stored masked),
     2 threads."""
     from graphc.codegen.llvm import gemm, jit
