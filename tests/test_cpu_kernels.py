@@ -429,6 +429,22 @@ def test_pooling(tmp_path_factory, data, rng):
     check(tmp_path_factory.mktemp("pool"), text, shapes, rng)
 
 
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_global_pooling(tmp_path, rng, method):
+    """One window over the whole plane (the vector reduction of pool._make_global_plane):
+    planes of 1 float (the tail alone), under a vector, one vector, under and over the
+    accumulators' block, SqueezeNet's 13 x 13; global_pooling and a kernel as large as
+    the image, both."""
+    sizes = [(1, 1), (1, 7), (2, 4), (4, 8), (5, 8), (7, 7), (13, 13), (3, 50)]
+    shapes = {f"x{i}": (2, 3, h, w) for i, (h, w) in enumerate(sizes)}
+    text = inputs_layer(shapes)
+    for i, (h, w) in enumerate(sizes):
+        how = "global_pooling: true" if i % 2 else f"kernel_h: {h} kernel_w: {w}"
+        text += (f'layer {{ name: "p{i}" type: "Pooling" bottom: "x{i}" top: "p{i}" '
+                 f'pooling_param {{ pool: {method} {how} }} }}\n')
+    check(tmp_path, text, shapes, rng)
+
+
 def test_pooling_mask(tmp_path, rng):
     shapes = {"x": (2, 3, 9, 8)}
     text = inputs_layer(shapes) + (

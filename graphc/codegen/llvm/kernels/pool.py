@@ -16,7 +16,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ....ops.pool import pool_geometry
-from ..irutil import F32, FLT_MAX, I64, PTR, fptr, get, i64, imax, imin, load, loop, \
+from ..irutil import F32, FLT_MAX, I32, I64, PTR, fptr, get, i64, imax, imin, load, loop, \
     new_function, part_range, step_function, store, var
 from .pointwise import Src
 
@@ -50,7 +50,68 @@ def plane_function(k, method: str, with_mask: bool = False) -> ir.Function:
 def fast_plane_function(k, method: str, geo) -> ir.Function:
     """``f(src, dst)``: one plane pooled with the geometry ``geo`` built in."""
     name = f"gk_{method.lower()}pool_" + "_".join(map(str, geo))
+    if _is_global(geo):
+        vw = k.gemm_config.vw
+        return k.helper(f"{name}_v{vw}",
+                        lambda mod, nm: _make_global_plane(mod, nm, method, geo, vw))
     return k.helper(name, lambda mod, nm: _make_fast_plane(mod, nm, method, geo))
+
+
+def _is_global(geo) -> bool:
+    """One window over the whole plane, no padding (global pooling, or a kernel as
+    large as the image)."""
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW = geo
+    return OH == OW == 1 and PH == PW == 0 and KH >= H and KW >= W
+
+
+#: vector accumulators of the global pooling loop (hide the add / compare latency)
+GLOBAL_ACCS = 4
+
+
+def _make_global_plane(mod, name, method, geo, vw: int):
+    """The plane's H*W contiguous floats reduced with GLOBAL_ACCS vector accumulators
+    (a scalar chain would wait on each add's latency: SqueezeNet's 13x13 pool10 ran at
+    one add per ~3 cycles), then across the lanes, then the tail; AVE divides by H*W
+    (the window clipped to the image, which is the padded extent here)."""
+    H, W = geo[:2]
+    n = H * W
+    fn, b, a = new_function(mod, name, [("src", PTR), ("dst", PTR)], internal=True)
+    for i in (0, 1):
+        fn.args[i].add_attribute("noalias")
+    src = a["src"]
+    is_max = method == "MAX"
+    vt = ir.VectorType(F32, vw)
+    init = -FLT_MAX if is_max else 0.0
+
+    def combine(acc, v):
+        if is_max:     # strictly greater wins, as in the windowed kernel
+            return b.select(b.fcmp_ordered(">", v, acc), v, acc)
+        return b.fadd(acc, v)
+
+    accs = [var(b, ir.Constant(vt, [init] * vw), f"acc{u}") for u in range(GLOBAL_ACCS)]
+    step = vw * GLOBAL_ACCS
+    main_end, vec_end = n - n % step, n - n % vw
+    if main_end:
+        with loop(b, 0, main_end, step, name="blk") as i:
+            for u, slot in enumerate(accs):
+                v = load(b, src, b.add(i, i64(u * vw)), ty=vt)
+                b.store(combine(get(b, slot), v), slot)
+    if vec_end > main_end:
+        with loop(b, main_end, vec_end, vw, name="vec") as i:
+            b.store(combine(get(b, accs[0]), load(b, src, i, ty=vt)), accs[0])
+    vals = [get(b, slot) for slot in accs]
+    while len(vals) > 1:
+        vals = [combine(vals[i], vals[i + 1]) for i in range(0, len(vals), 2)]
+    acc = b.extract_element(vals[0], ir.Constant(I32, 0))
+    for lane in range(1, vw):
+        acc = combine(acc, b.extract_element(vals[0], ir.Constant(I32, lane)))
+    for j in range(vec_end, n):        # fewer than vw floats
+        acc = combine(acc, load(b, src, i64(j)))
+    if not is_max:
+        acc = b.fdiv(acc, ir.Constant(F32, float(n)))
+    store(b, acc, a["dst"], i64(0))
+    b.ret_void()
+    return fn
 
 
 def _interior(n_in: int, k: int, s: int, p: int, n_out: int) -> tuple[int, int]:
