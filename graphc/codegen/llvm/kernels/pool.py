@@ -4,7 +4,8 @@ pooled by a module-level function made for its geometry (shared by the Pooling n
 and fused LRN + Pooling kernels of that geometry): for every output row it runs over
 the window's input rows, and for the output columns whose windows lie inside the image
 (known at compile time) over the window's columns with no bounds checks, so the loop
-along the output row vectorizes; the border columns clip their windows.
+along the output row vectorizes; the border columns clip their windows.  One window over
+the whole plane (global pooling) is a vector reduction of the plane's contiguous floats.
 
 MAX: the window clipped to the image, start value -FLT_MAX, strictly greater wins (the
 first maximum in row-major order; the mask holds its index h * W + w as a float).
