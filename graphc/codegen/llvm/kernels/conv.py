@@ -135,6 +135,13 @@ COLS_BUDGET = 16 * MIB
 COL_BLOCK = 2048
 #: images with at most this many output pixels are convolved a batch at a time
 BATCH_P = 256
+#: parts per thread of a convolution's GEMM step (the GEMM splits whole tiles among
+#: them; the threads take parts as they come): after an idle pause the second CPU wakes
+#: late and runs slowly for a while, and with 4 parts per thread the caller takes more
+#: of such a step's work instead of waiting for one big late half (SqueezeNet 1.1, runs
+#: 100 ms apart: 0.91-0.96x in three interleaved runs; back to back 0.98x; MobileNet v1
+#: and ResNet-50 0.99-1.01x; bench/results/cpu_gemm_parts.md)
+GEMM_PARTS_PER_THREAD = 4
 
 
 def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
@@ -190,7 +197,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                               ir.Constant(I32, int(accumulate)), a["part"], a["nparts"],
                               a["scratch"], *extra])
         b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
+        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=GEMM_PARTS_PER_THREAD)
 
 
 @dataclass(frozen=True)
@@ -341,7 +348,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
                           bmat, i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
                           ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])
         b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=1)
+        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=GEMM_PARTS_PER_THREAD)
         # scatter: out[first + i, o, p] = tail(cmat[o, i * P + p])
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_out"))
         tp = k.ptr(b, a, _arena(cmat))
