@@ -4,11 +4,12 @@ how much, from both engines' own per-node timers, interleaved in one process.
     python bench/ort_layers.py resnet50_deploy [--rounds 20] [--threads 2] [--top 25]
 
 Each round profiles 5 back-to-back graphc runs (the runtime's node timers) and then 5
-ONNX Runtime runs (its ``enable_profiling`` node events), PAUSE_S apart so the other
-engine's spinning workers are asleep (ORT's spin for ~45 ms after a run: with a 10 ms
-pause they took a CPU from graphc's first layers, SqueezeNet's conv1 2.4x slower).  Layers are matched by name (graphc's fused node
-by its first layer, ORT's fused node by its first, its ``_nchwc`` suffix dropped); the
-table lists per-layer medians, worst ratio first, and both sums.  Weights: the golden
+ONNX Runtime runs (its ``enable_profiling`` node events), cpu_inference.PAUSE_S apart
+so the other engine's spinning workers are asleep (ORT's spin for ~45 ms after a run:
+with a 10 ms pause they took a CPU from graphc's first layers, SqueezeNet's conv1 2.4x
+slower).  Layers are matched by name (graphc's fused node by its first layer, ORT's
+fused node by its first, its ``_nchwc`` suffix dropped); the table lists per-layer
+medians, worst ratio first, and both sums.  Weights: the golden
 rule (tests/golden.py), the same in both engines.  Needs onnx and onnxruntime.
 """
 from __future__ import annotations
@@ -25,8 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-#: idle seconds before each engine's runs (see bench/cpu_inference.py's PAUSE_S)
-PAUSE_S = 0.1
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     import graphc
-    from cpu_inference import fill_rule
+    from cpu_inference import PAUSE_S, fill_rule
     from graphc.export.onnx import export_onnx
     from graphc.runtime.build import cached_library
     from graphc.runtime.loader import load
@@ -57,12 +56,13 @@ def main(argv=None) -> int:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = True
-    tmp = tempfile.mkdtemp(prefix="ort_layers_")
-    so.profile_file_prefix = os.path.join(tmp, "ort")
+    tmp = tempfile.TemporaryDirectory(prefix="ort_layers_")   # ORT's profile file
+    so.profile_file_prefix = os.path.join(tmp.name, "ort")
     sess = ort.InferenceSession(export_onnx(net).SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
     (name, shape), = lib.inputs.items()
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ort_feed = {sess.get_inputs()[0].name: x}
     mine, whole = defaultdict(list), {"graphc": [], "onnxruntime": []}
     for _ in range(args.rounds):
         time.sleep(PAUSE_S)
@@ -73,9 +73,10 @@ def main(argv=None) -> int:
         time.sleep(PAUSE_S)
         t0 = time.perf_counter()
         for _ in range(5):
-            sess.run(None, {sess.get_inputs()[0].name: x})
+            sess.run(None, ort_feed)
         whole["onnxruntime"].append((time.perf_counter() - t0) / 5)
     events = json.loads(Path(sess.end_profiling()).read_text())
+    tmp.cleanup()
     theirs = defaultdict(lambda: defaultdict(list))    # layer -> ORT node -> durations
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
