@@ -250,8 +250,8 @@ def test_convolution_of_one_pixel(tmp_path, rng):
 
 @pytest.mark.parametrize("pin", ["1", "0", None])
 def test_thread_placement_modes(tmp_path, rng, monkeypatch, pin):
-    """GRAPHC_PIN=1 (threads pinned), 0 (left alone) and unset (workers step aside from
-    a CPU the pool uses): same results, run after run, with idle pauses between runs
+    """GRAPHC_PIN=1 (threads pinned), 0 (left alone) and unset (workers kept off the
+    caller's CPU): same results, run after run, with idle pauses between runs
     (the workers fall asleep and are woken again)."""
     import time
     if pin is None:

@@ -276,6 +276,37 @@ def test_spin_times(small, monkeypatch, spin):
     cn.close()
 
 
+def _threads() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("pin", [None, "0", "1"])
+def test_placement(small, monkeypatch, pin):
+    """The workers' placement (GRAPHC_PIN): by default they are kept off the CPU the
+    caller runs on, so a woken worker never waits for a time slice there; this follows the
+    caller when it moves.  GRAPHC_PIN=0 leaves their affinity alone, GRAPHC_PIN=1 pins
+    them.  The results are the same in every mode."""
+    net, lib_path, x = small
+    want = graphc.load(lib_path, num_threads=1).forward(data=x)["prob"]
+    if pin is not None:
+        monkeypatch.setenv("GRAPHC_PIN", pin)
+    allowed = os.sched_getaffinity(0)
+    before = _threads()
+    cn = graphc.load(lib_path, num_threads=2)
+    (worker,) = _threads() - before
+    try:
+        for cpu in sorted(allowed)[:2]:
+            os.sched_setaffinity(0, {cpu})       # the caller on one CPU
+            for _ in range(5):
+                np.testing.assert_array_equal(cn.forward(data=x)["prob"], want)
+            expect = {None: allowed - {cpu}, "0": allowed, "1": {sorted(allowed)[1]}}[pin]
+            assert os.sched_getaffinity(worker) == expect
+    finally:
+        os.sched_setaffinity(0, allowed)
+        cn.close()
+
+
 def test_spin_time_errors(small, monkeypatch):
     net, lib_path, x = small
     for bad in ("-1", "2ms", "5000000"):
