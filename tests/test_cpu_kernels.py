@@ -178,15 +178,18 @@ def test_depthwise(tmp_path, rng, cpu):
 
 
 @pytest.mark.parametrize("cpu", ["generic", "native"])
-def test_convolution_gathered_b(tmp_path, rng, cpu):
+def test_convolution_gathered_b(tmp_path, rng, cpu, monkeypatch):
     """Convolutions read B straight from the zero-padded image (no im2col), strided
     ones from its phases: output widths just below, at and above one and two vectors,
     so vectors of pixels cross image rows at every lane; dilation, non-square kernels
     and strides, no padding, groups, strides 2 and 3 (a 1x1 stride 2 reads one phase of
     four), a K longer than one cache block, a fused residual add, 2 images, and a batch
     of small images side by side (vectors of pixels crossing images too).  Checks
-    that the gathered path is the one compiled (its offset tables are in the module)."""
+    that the gathered path is the one compiled (its offset tables are in the module);
+    Winograd's lowering (which would take layer d) is off."""
     from graphc.codegen.llvm import gemm, jit
+    from graphc.codegen.llvm.kernels import winograd
+    monkeypatch.setattr(winograd, "ENABLED", False)
     from graphc.codegen.llvm.lower import lower_graph
     from graphc.passes import run_pipeline
     vw = gemm.default_config(jit.target(cpu)).vw
@@ -216,6 +219,60 @@ def test_convolution_gathered_b(tmp_path, rng, cpu):
     ir_text = lower_graph(run_pipeline(net.graph), cpu).ir
     gathered = set(re.findall(r'@"?gk_s\d+_(\w+?)_gather_rows"? = internal', ir_text))
     assert gathered == {f"c{i}" for i in range(len(cases))} | {"d_s_r", "e"}, gathered
+
+
+@pytest.mark.parametrize("cpu,threads", [("generic", 3), ("native", 1), ("native", 2)])
+def test_winograd(tmp_path, rng, cpu, threads, monkeypatch):
+    """3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (kernels/winograd.py): planes
+    of whole tiles, and with a last partial row and column of tiles (output widths one
+    tile past a vector of tiles, and just below two), pad 0, 1 and 2, no bias, a fused
+    ReLU, an in-place residual add + ReLU, odd channel counts, and a batch of 3 in chunks
+    of 2 images (a small CHUNK_BUDGET).  Checks that exactly those layers are lowered so
+    (their transform steps are in the module): not a 7 x 7 plane (4 tiles), nor one of
+    8 input channels."""
+    from graphc.codegen.llvm import gemm, jit
+    from graphc.codegen.llvm.kernels import winograd
+    from graphc.codegen.llvm.lower import lower_graph
+    from graphc.passes import run_pipeline
+    monkeypatch.setattr(winograd, "CHUNK_BUDGET", 100_000)
+    vw = gemm.default_config(jit.target(cpu)).vw
+    shapes = {"a": (1, 16, 16, 8 * vw), "b": (1, 17, 13, 4 * vw + 3), "c": (3, 16, 12, 14),
+              "d": (1, 16, 11, 2 * vw + 1), "e": (1, 16, 12, 12), "f": (1, 32, 7, 7),
+              "g": (1, 8, 16, 16)}
+    conv = ('layer {{ name: "{0}c" type: "Convolution" bottom: "{0}" top: "{0}c" '
+            'convolution_param {{ num_output: {1} kernel_size: 3 {2} }} }}\n')
+    text = inputs_layer(shapes) + "".join([
+        conv.format("a", 16, "pad: 1"),
+        conv.format("b", 19, "pad: 1"),
+        'layer { name: "br" type: "ReLU" bottom: "bc" top: "bc" }\n',
+        conv.format("c", 16, "pad: 0 bias_term: false"),
+        conv.format("d", 24, "pad: 2"),
+        conv.format("e", 16, "pad: 1"),
+        'layer { name: "es" type: "Eltwise" bottom: "ec" bottom: "e" top: "es" }\n',
+        'layer { name: "er" type: "ReLU" bottom: "es" top: "es" }\n',
+        conv.format("f", 32, "pad: 1"),
+        conv.format("g", 16, "pad: 1")])
+    check(tmp_path, text, shapes, rng, threads=threads, cpu=cpu)
+    net = net_from_text(text, tmp_path, rng=rng)
+    ir_text = lower_graph(run_pipeline(net.graph), cpu).ir
+    lowered = set(re.findall(r'define void @"?gk_s\d+_(\w+?)_win"?\(', ir_text))
+    assert lowered == {"ac", "bc_br", "cc", "dc", "ec_es_er"}, lowered
+    # chunks of 2 images: the batch of 3 runs as two input transforms
+    assert len(re.findall(r'define void @"?gk_s\d+_cc_win"?\(', ir_text)) == 2
+
+
+def test_winograd_weights():
+    """The transformed weights give the direct 3x3 sum on every 6 x 6 patch (float64)."""
+    from graphc.codegen.llvm.kernels import winograd as wg
+    r = np.random.default_rng(0)
+    w = r.standard_normal((3, 2, 3, 3))
+    d = r.standard_normal((2, 6, 6))
+    u = wg.transform_weights(w).astype(np.float64).reshape(6, 6, 3, 2)
+    v = np.einsum("ai,cij,bj->abc", wg.BT, d, wg.BT)
+    y = np.einsum("ia,aboc,abc,jb->oij", wg.AT, u, v, wg.AT)
+    want = np.array([[[np.sum(w[o] * d[:, i:i + 3, j:j + 3]) for j in range(4)]
+                      for i in range(4)] for o in range(3)])
+    assert np.abs(y - want).max() < 1e-5 * np.abs(want).max()
 
 
 def test_gather_vectors():

@@ -262,6 +262,7 @@ def _sources_digest() -> str:
 def cache_key(g_opt: Graph, cpu: str = "native", weights_file: bool = False) -> str:
     from .. import __version__
     from ..codegen.llvm import jit
+    from ..codegen.llvm.kernels import winograd
     from ..ir.text import print_graph
     t = jit.target(cpu)
     h = hashlib.blake2b(digest_size=20)
@@ -271,7 +272,7 @@ def cache_key(g_opt: Graph, cpu: str = "native", weights_file: bool = False) -> 
         if p.data is not None:
             h.update(np.ascontiguousarray(p.data, dtype=np.float32).tobytes())
     h.update(json.dumps([__version__, _sources_digest(), t.cpu_name, t.features,
-                         bool(weights_file)]).encode())
+                         bool(weights_file), winograd.settings()]).encode())
     return h.hexdigest()
 
 

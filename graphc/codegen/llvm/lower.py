@@ -209,10 +209,12 @@ class KernelContext:
         tail = f"_{_ident(hint)[:40]}" if hint else ""
         return f"gk_s{self._nstep}{tail}"
 
-    def add_step(self, fn: str, work: int, per_thread: int = 4) -> None:
+    def add_step(self, fn: str, work: int, per_thread: int = 4,
+                 max_parts: int = 1 << 16) -> None:
         """Schedule ``fn`` (already emitted) for the current node: ``work`` (about flops)
-        bounds the number of parts, ``per_thread`` the parts per thread."""
-        parts = max(1, min(1 << 16, int(work) // GRAIN))
+        bounds the number of parts, as do ``max_parts`` and ``per_thread`` (the parts
+        per thread)."""
+        parts = max(1, min(max_parts, int(work) // GRAIN))
         self.steps.append(Step(fn, self.node_index, parts, per_thread))
 
     def gemm(self, epilogue: Epilogue, packed_a: bool = False,

@@ -45,7 +45,7 @@ from llvmlite import ir
 from ....ops.conv import Geometry
 from ..irutil import F32, I32, I64, PTR, constant_table, floor_div, fptr, get, i64, imax, \
     imin, load, loop, new_function, part_range, step_function, store, var
-from . import depthwise, linear
+from . import depthwise, linear, winograd
 from .epilogue import ProgramEpilogue
 from .pointwise import FlatSite, channel_structure, emit_program
 
@@ -96,9 +96,11 @@ def lower(k, n, anchor, steps, tensors, out_off):
                            k.param_src(params[1]) if bias else None, geo.num,
                            geo.channels, geo.num_output,
                            geo.out_shape(), steps, tensors, out_off)
+    dim, inner = channel_structure(geo.out_shape())
+    if winograd.applies(geo) and ProgramEpilogue(steps, "row", False).fits(dim, inner):
+        return winograd.lower(k, n, geo, k.loc(x), params, steps, tensors, out_off)
     if geo.num > 1 and math.prod(geo.out_spatial) <= BATCH_P:
         return _batched_conv(k, n, geo, k.loc(x), params, steps, tensors, out_off)
-    dim, inner = channel_structure(geo.out_shape())
     alias = [j for j, off in enumerate(tensors) if off == out_off]
     skip, accumulate = set(), False
     if alias:

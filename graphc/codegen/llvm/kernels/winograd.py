@@ -1,0 +1,302 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering, F(4x4, 3x3).
+
+Each 4 x 4 block ("tile") of an output channel is computed from the 6 x 6 input patch
+under it (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+
+    Y[o] (tile) = AT . ( sum_c  U[o, c] * V[c] ) . AT^T,
+    U[o, c] = G . w[o, c] . G^T   (6 x 6, the weights: computed once, at compile time),
+    V[c]    = BT . d[c] . BT^T    (6 x 6, the input patch d of channel c),
+
+with * elementwise.  For each of the 36 positions e of the 6 x 6 transforms the sum over
+input channels is a matrix product, M[e] (O x T) = U[e] (O x C) @ V[e] (C x T) over the
+T tiles, so 36 GEMMs of depth C do the work of one of depth 9C: 4x fewer multiply-adds
+for a plane made of whole tiles (e.g. ResNet-50 res2, 56 x 56: 14 x 14 tiles).
+
+A node is three steps (per chunk of images):
+
+* input transform, parts over (image, channel) planes: the plane is copied zero-padded
+  into the thread's scratch; per row of tiles the vertical pass (BT on the 6 rows) runs
+  along whole rows, the horizontal one on VW tiles at a time, after a shuffle that
+  de-interleaves the columns of VW adjacent tiles (stride 4); V[e][c][tile] is stored
+  with the tiles contiguous, as the GEMM's B (rows = channels);
+* the 36 GEMMs (gemm.py, the weights U pre-packed), parts over the positions e;
+* output transform, parts over (image, output channel): AT on each tile's 6 x 6 from
+  the 36 M[e], the 4 tile columns interleaved back into output rows, then the bias and
+  the fused tail (ReLU, a residual add, ...: the convolution's epilogue program) on each
+  vector before the one store.  Rows and columns past the output's edge are not stored.
+
+The transform points are 0, +-1, +-2 (and infinity); in float32 the result differs
+from the direct sum by a relative L2 of a few 1e-6 (C = 256).  The transformed weights
+take 4x the room of the 3x3 ones, so large layers keep the GEMM convolution
+(WEIGHT_BUDGET).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+
+from ..gemm import pack_a_panels
+from ..irutil import I1, I32, fptr, i64, load_vec, loop, part_range, step_function, \
+    store_vec
+from .epilogue import ProgramEpilogue
+
+#: output tile (m) and input tile (m + 2) of F(m x m, 3 x 3)
+TILE, ALPHA = 4, 6
+BT = np.array([[4, 0, -5, 0, 1, 0],
+               [0, -4, -4, 1, 1, 0],
+               [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0],
+               [0, 2, -1, -2, 1, 0],
+               [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+G = np.array([[1 / 4, 0, 0],
+              [-1 / 6, -1 / 6, -1 / 6],
+              [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6],
+              [0, 0, 1]], dtype=np.float64)
+AT = np.array([[1, 1, 1, 1, 1, 0],
+               [0, 1, -1, 2, -2, 0],
+               [0, 1, 1, 4, 4, 0],
+               [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+
+#: False: every convolution keeps the GEMM lowering (for tests and comparisons; part of
+#: the build cache's key, as are the limits below, through settings())
+ENABLED = True
+#: transformed weights (36 * O * C floats) larger than this keep the GEMM convolution
+WEIGHT_BUDGET = 16 << 20
+#: tiles computed per output pixel at most (edge tiles past the plane are wasted work)
+MAX_WASTE = 1.35
+#: bytes of V and M (the transforms) per chunk of images
+CHUNK_BUDGET = 16 << 20
+
+
+def settings() -> list:
+    """What, besides the graph and the code, decides which convolutions this lowers."""
+    return [ENABLED, WEIGHT_BUDGET, MAX_WASTE, CHUNK_BUDGET]
+
+
+def tiles(oh: int, ow: int) -> tuple[int, int]:
+    return -(-oh // TILE), -(-ow // TILE)
+
+
+def applies(geo) -> bool:
+    """Is this convolution one Winograd's F(4x4, 3x3) does well?  3x3, stride 1, no
+    dilation, no groups, a 2-D plane mostly made of whole tiles, channels enough for the
+    36 products to be worth their transforms, transformed weights within budget."""
+    if not ENABLED or geo.nsp != 2 or geo.group != 1 or tuple(geo.kernel) != (3, 3) \
+            or tuple(geo.stride) != (1, 1) or tuple(geo.dilation) != (1, 1) \
+            or max(geo.pad) > 2:
+        return False
+    oh, ow = geo.out_spatial
+    th, tw = tiles(oh, ow)
+    return (th * tw >= 8 and TILE * TILE * th * tw <= MAX_WASTE * oh * ow
+            and geo.channels >= 16 and geo.num_output >= 16
+            and ALPHA * ALPHA * geo.channels * geo.num_output * 4 <= WEIGHT_BUDGET)
+
+
+def transform_weights(w: np.ndarray) -> np.ndarray:
+    """U[e, o, c] = (G . w[o, c] . G^T)[e // 6, e % 6], computed in float64."""
+    u = np.einsum("ai,ocij,bj->aboc", G, np.asarray(w, np.float64), G)
+    return u.reshape(ALPHA * ALPHA, w.shape[0], w.shape[1]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# code
+
+
+def _combine(b, coeffs, vals):
+    """sum_i coeffs[i] * vals[i] for constant coefficients (zeros skipped, +-1 as adds)."""
+    acc = None
+    for c, v in zip(coeffs, vals):
+        if c == 0:
+            continue
+        if abs(c) != 1:
+            v = b.fmul(v, ir.Constant(v.type, [float(abs(c))] * v.type.count))
+        if acc is None:
+            acc = v if c > 0 else b.fneg(v)
+        else:
+            acc = b.fadd(acc, v, flags=("contract",)) if c > 0 else \
+                b.fsub(acc, v, flags=("contract",))
+    return acc
+
+
+def _concat(b, vals):
+    """One vector of ``vals`` side by side (all of one width, a power of two count)."""
+    while len(vals) > 1:
+        n = vals[0].type.count
+        idx = ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n)))
+        vals = [b.shuffle_vector(vals[i], vals[i + 1], idx) for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
+def _deinterleave(b, loads, vw):
+    """From 5 vectors holding columns x0 .. x0 + 5*vw, the 6 vectors q[j] (j < 6) with
+    lane t = column x0 + 4t + j: the j-th column of each of vw adjacent tiles."""
+    wide = _concat(b, loads[:4])                          # 4 vw lanes
+    tail = _concat(b, [loads[4], loads[4], loads[4], loads[4]])
+    out = []
+    for j in range(ALPHA):
+        idx = ir.Constant(ir.VectorType(I32, vw), [TILE * t + j for t in range(vw)])
+        out.append(b.shuffle_vector(wide, tail, idx))
+    return out
+
+
+def _interleave(b, ys, vw):
+    """The inverse: from ys[j] (j < 4, lane t = column 4t + j of a row of vw tiles) the 4
+    vectors of that row's 4 vw consecutive columns."""
+    pairs = [_concat(b, [ys[0], ys[1]]), _concat(b, [ys[2], ys[3]])]   # 2 vw lanes each
+    out = []
+    for v in range(TILE):
+        # column x = v * vw + u of the row is column j = x % 4 of tile t = x // 4
+        lanes = [(x % TILE) * vw + x // TILE for x in range(v * vw, (v + 1) * vw)]
+        out.append(b.shuffle_vector(pairs[0], pairs[1],
+                                    ir.Constant(ir.VectorType(I32, vw), lanes)))
+    return out
+
+
+def _mask(vw, n):
+    return None if n >= vw else ir.Constant(ir.VectorType(I1, vw), [u < n for u in range(vw)])
+
+
+def lower(k, n, geo, x_off, params, steps, tensors, out_off):
+    """Steps for convolution node ``n`` (see the module docstring); ``steps``: its fused
+    tail program, ``tensors``: the arena offsets of the tensors the tail reads."""
+    from .conv import _arena, emit_phases
+    vw = k.gemm_config.vw
+    H, W = geo.spatial
+    PH, PW = geo.pad
+    OH, OW = geo.out_spatial
+    N, C, O = geo.num, geo.channels, geo.num_output
+    P = OH * OW
+    TH, TW = tiles(OH, OW)
+    T = TH * TW
+    nblk = -(-TW // vw)                      # blocks of vw tiles per row of tiles
+    Wq = vw * (TILE * nblk + 1)              # padded plane width: covers every block's reads
+    Hq = TILE * TH + 2
+    plane = Hq * Wq
+    E = ALPHA * ALPHA
+
+    bias = len(params) > 1
+    epi = ProgramEpilogue(steps, "row", bias)
+    u = transform_weights(k.param_data(params[0]).reshape(O, C, 3, 3))
+    packed = [pack_a_panels(u[e], k.gemm_config) for e in range(E)]
+    u_src = k.weights_src(np.concatenate(packed), ("winograd-u", params[0], k.gemm_config))
+    u_stride = packed[0].size
+    b_src = k.param_src(params[1]) if bias else None
+
+    chunk = max(1, min(N, CHUNK_BUDGET // (4 * E * (C + O) * T)))
+    # tiles per row of V and M: 64-byte rows, and room for the vector that reads past the
+    # last tile (its lanes are not stored)
+    ld = -(-(chunk * T + vw) // 16) * 16
+    v_off = k.temp(4 * E * C * ld, "winograd_v")
+    m_off = k.temp(4 * E * O * ld, "winograd_m")
+    # scratch: the padded plane and the rows of the vertical pass (6 x Wq), then slack
+    k.need_scratch(4 * (plane + ALPHA * Wq + 2 * vw))
+    k.need_scratch(k.gemm_workspace_bytes())
+    gemm = k.gemm(ProgramEpilogue([], "row", False), packed_a=True)
+    dims = (H, W, 3, 3, 1, 1, PH, PW, 1, 1, OH, OW)
+
+    for first in range(0, N, chunk):
+        imgs = min(chunk, N - first)
+        _input_step(k, n, x_off, v_off, first, imgs, geo, dims, (Hq, Wq), ld, emit_phases,
+                    _arena)
+        # the 36 products
+        fn, b, a = step_function(k.mod, k.step_name(n.name + "_wgemm"))
+        up = k.ptr(b, a, u_src)
+        vp, mp = k.ptr(b, a, _arena(v_off)), k.ptr(b, a, _arena(m_off))
+        lo, hi = part_range(b, E, a["part"], a["nparts"])
+        with loop(b, lo, hi, name="e") as e:
+            b.call(gemm, [i64(O), i64(imgs * T), i64(C), fptr(b, up, b.mul(e, i64(u_stride))),
+                          i64(C), fptr(b, vp, b.mul(e, i64(C * ld))), i64(ld),
+                          fptr(b, mp, b.mul(e, i64(O * ld))), i64(ld), ir.Constant(I32, 0),
+                          i64(0), i64(1), a["scratch"]])
+        b.ret_void()
+        k.add_step(fn.name, 2 * E * O * C * imgs * T, per_thread=E, max_parts=E)
+        _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors, _arena)
+
+
+def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, ld, emit_phases, _arena):
+    vw = k.gemm_config.vw
+    Hq, Wq = hw
+    H, W = geo.spatial
+    C = geo.channels
+    TH, TW = tiles(*geo.out_spatial)
+    T, nblk, E = TH * TW, -(-TW // vw), ALPHA * ALPHA
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_win"))
+    xp, vp = k.ptr(b, a, _arena(x_off)), k.ptr(b, a, _arena(v_off))
+    pp = a["scratch"]                                  # the padded plane
+    rp = fptr(b, pp, Hq * Wq)                          # the vertical pass: ALPHA rows of Wq
+    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="plane") as item:
+        img, c = b.udiv(item, i64(C)), b.urem(item, i64(C))
+        emit_phases(b, fptr(b, xp, b.mul(b.add(item, i64(first * C)), i64(H * W))), pp, dims,
+                    (Hq, Wq, [(0, 0)]))
+        vrow = fptr(b, vp, b.add(b.mul(c, i64(ld)), b.mul(img, i64(T))))
+        with loop(b, 0, TH, name="ty") as ty:
+            src = fptr(b, pp, b.mul(ty, i64(TILE * Wq)))
+            with loop(b, 0, Wq, vw, name="x") as x:
+                rows = [load_vec(b, src, b.add(x, i64(i * Wq)), vw) for i in range(ALPHA)]
+                for r in range(ALPHA):
+                    store_vec(b, _combine(b, BT[r], rows), rp, b.add(x, i64(r * Wq)))
+            dst = fptr(b, vrow, b.mul(ty, i64(TW)))
+            for blk in range(nblk):                    # unrolled: the last one is masked
+                mask = _mask(vw, TW - blk * vw)
+                for r in range(ALPHA):
+                    loads = [load_vec(b, rp, r * Wq + TILE * vw * blk + v * vw, vw)
+                             for v in range(5)]
+                    q = _deinterleave(b, loads, vw)
+                    for s in range(ALPHA):
+                        store_vec(b, _combine(b, BT[s], q), dst,
+                                  (r * ALPHA + s) * C * ld + blk * vw, mask)
+    b.ret_void()
+    k.add_step(fn.name, imgs * C * (Hq * Wq + T * E * 8))
+
+
+def _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors, _arena):
+    vw = k.gemm_config.vw
+    OH, OW = geo.out_spatial
+    O = geo.num_output
+    P = OH * OW
+    TH, TW = tiles(OH, OW)
+    T, nblk, E = TH * TW, -(-TW // vw), ALPHA * ALPHA
+    fn, b, a = step_function(k.mod, k.step_name(n.name + "_wout"))
+    mp, yp = k.ptr(b, a, _arena(m_off)), k.ptr(b, a, _arena(out_off))
+    bp = k.ptr(b, a, b_src) if b_src else None
+    chp = [k.ptr(b, a, c.src) for c in epi.chans]
+    tp = {j: k.ptr(b, a, _arena(tensors[j])) for j in epi.tensors}
+    lo, hi = part_range(b, imgs * O, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="plane") as item:
+        img, o = b.udiv(item, i64(O)), b.urem(item, i64(O))
+        ybase = b.mul(b.add(item, i64(first * O)), i64(P))     # the output plane
+        args = {}
+        if bp is not None:
+            args["bias"] = bp
+        for i, p in enumerate(chp):
+            args[f"ch{i}"] = p
+        img_off = b.mul(b.add(img, i64(first)), i64(O * P))
+        for j in epi.tensors:
+            args[f"t{j}"] = fptr(b, tp[j], img_off)
+        if epi.tensors:
+            args["ldt"] = i64(P)
+        yplane = fptr(b, yp, ybase)
+        mrow = fptr(b, mp, b.add(b.mul(o, i64(ld)), b.mul(img, i64(T))))
+        with loop(b, 0, TH, name="ty") as ty:
+            trow = fptr(b, mrow, b.mul(ty, i64(TW)))
+            for blk in range(nblk):
+                ms = [load_vec(b, trow, e * O * ld + blk * vw, vw) for e in range(E)]
+                for i in range(TILE):
+                    oy = b.add(b.mul(ty, i64(TILE)), i64(i))
+                    with b.if_then(b.icmp_signed("<", oy, i64(OH)), likely=True):
+                        z = [_combine(b, AT[i], [ms[r * ALPHA + s] for r in range(ALPHA)])
+                             for s in range(ALPHA)]
+                        ys = [_combine(b, AT[j], z) for j in range(TILE)]
+                        for v, val in enumerate(_interleave(b, ys, vw)):
+                            x0 = TILE * vw * blk + v * vw
+                            if x0 >= OW:
+                                continue
+                            mask = _mask(vw, OW - x0)
+                            col = b.add(b.mul(oy, i64(OW)), i64(x0))
+                            val = epi.vector(b, val, o, col, args, mask)
+                            store_vec(b, val, yplane, col, mask)
+    b.ret_void()
+    k.add_step(fn.name, imgs * O * T * E * 6)
