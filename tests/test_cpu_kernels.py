@@ -226,19 +226,19 @@ def test_winograd(tmp_path, rng, cpu, threads, monkeypatch):
     """3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (kernels/winograd.py): planes
     of whole tiles, and with a last partial row and column of tiles (output widths one
     tile past a vector of tiles, and just below two), pad 0, 1 and 2, no bias, a fused
-    ReLU, an in-place residual add + ReLU, odd channel counts, and a batch of 3 in chunks
-    of 2 images (a small CHUNK_BUDGET).  Checks that exactly those layers are lowered so
-    (their transform steps are in the module): not a 7 x 7 plane (4 tiles), nor one of
-    8 input channels."""
+    ReLU, an in-place residual add + ReLU, odd output channel counts, and a batch of 3 in
+    chunks of 2 images (a small CHUNK_BUDGET).  Checks that exactly those layers are
+    lowered so (their transform steps are in the module): not a 7 x 7 plane (4 tiles),
+    nor one of 8 input channels, nor 18 (not a multiple of the GEMM's unroll)."""
     from graphc.codegen.llvm import gemm, jit
     from graphc.codegen.llvm.kernels import winograd
     from graphc.codegen.llvm.lower import lower_graph
     from graphc.passes import run_pipeline
     monkeypatch.setattr(winograd, "CHUNK_BUDGET", 100_000)
     vw = gemm.default_config(jit.target(cpu)).vw
-    shapes = {"a": (1, 16, 16, 8 * vw), "b": (1, 17, 13, 4 * vw + 3), "c": (3, 16, 12, 14),
+    shapes = {"a": (1, 16, 16, 8 * vw), "b": (1, 20, 13, 4 * vw + 3), "c": (3, 16, 12, 14),
               "d": (1, 16, 11, 2 * vw + 1), "e": (1, 16, 12, 12), "f": (1, 32, 7, 7),
-              "g": (1, 8, 16, 16)}
+              "g": (1, 8, 16, 16), "h": (1, 18, 16, 16)}
     conv = ('layer {{ name: "{0}c" type: "Convolution" bottom: "{0}" top: "{0}c" '
             'convolution_param {{ num_output: {1} kernel_size: 3 {2} }} }}\n')
     text = inputs_layer(shapes) + "".join([
@@ -251,7 +251,8 @@ def test_winograd(tmp_path, rng, cpu, threads, monkeypatch):
         'layer { name: "es" type: "Eltwise" bottom: "ec" bottom: "e" top: "es" }\n',
         'layer { name: "er" type: "ReLU" bottom: "es" top: "es" }\n',
         conv.format("f", 32, "pad: 1"),
-        conv.format("g", 16, "pad: 1")])
+        conv.format("g", 16, "pad: 1"),
+        conv.format("h", 16, "pad: 1")])
     check(tmp_path, text, shapes, rng, threads=threads, cpu=cpu)
     net = net_from_text(text, tmp_path, rng=rng)
     ir_text = lower_graph(run_pipeline(net.graph), cpu).ir

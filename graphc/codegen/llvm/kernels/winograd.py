@@ -14,11 +14,11 @@ for a plane made of whole tiles (e.g. ResNet-50 res2, 56 x 56: 14 x 14 tiles).
 
 A node is three steps (per chunk of images):
 
-* input transform, parts over (image, channel) planes: the plane is copied zero-padded
-  into the thread's scratch; per row of tiles the vertical pass (BT on the 6 rows) runs
+* input transform, parts over input channels: each plane is copied zero-padded into
+  the thread's scratch; per row of tiles the vertical pass (BT on the 6 rows) runs
   along whole rows, the horizontal one on VW tiles at a time, after a shuffle that
-  de-interleaves the columns of VW adjacent tiles (stride 4); V[e][c][tile] is stored
-  with the tiles contiguous, as the GEMM's B (rows = channels);
+  de-interleaves the columns of VW adjacent tiles (stride 4); V[e] (channels x tiles)
+  is stored as the GEMM's packed B panels (NR tiles wide), so the GEMM packs nothing;
 * the 36 GEMMs (gemm.py, the weights U pre-packed), parts over the positions e;
 * output transform, parts over (image, output channel): AT on each tile's 6 x 6 from
   the 36 M[e], the 4 tile columns interleaved back into output rows, then the bias and
@@ -65,32 +65,38 @@ ENABLED = True
 #: transformed weights (36 * O * C floats) larger than this keep the GEMM convolution
 WEIGHT_BUDGET = 16 << 20
 #: tiles computed per output pixel at most (edge tiles past the plane are wasted work)
-MAX_WASTE = 1.35
+MAX_WASTE = 1.6
+#: tiles per image at least (fewer make GEMMs too narrow to run well)
+MIN_TILES = 8
 #: bytes of V and M (the transforms) per chunk of images
 CHUNK_BUDGET = 16 << 20
+#: bytes of a chunk's transformed tiles of one channel (per-thread scratch)
+SCRATCH_BUDGET = 1 << 20
 
 
 def settings() -> list:
     """What, besides the graph and the code, decides which convolutions this lowers."""
-    return [ENABLED, WEIGHT_BUDGET, MAX_WASTE, CHUNK_BUDGET]
+    return [ENABLED, WEIGHT_BUDGET, MAX_WASTE, MIN_TILES, CHUNK_BUDGET, SCRATCH_BUDGET]
 
 
 def tiles(oh: int, ow: int) -> tuple[int, int]:
     return -(-oh // TILE), -(-ow // TILE)
 
 
-def applies(geo) -> bool:
+def applies(geo, config) -> bool:
     """Is this convolution one Winograd's F(4x4, 3x3) does well?  3x3, stride 1, no
     dilation, no groups, a 2-D plane mostly made of whole tiles, channels enough for the
-    36 products to be worth their transforms, transformed weights within budget."""
+    36 products to be worth their transforms (input channels a multiple of the GEMM's
+    unroll: V is written as its packed B panels), transformed weights within budget."""
     if not ENABLED or geo.nsp != 2 or geo.group != 1 or tuple(geo.kernel) != (3, 3) \
             or tuple(geo.stride) != (1, 1) or tuple(geo.dilation) != (1, 1) \
             or max(geo.pad) > 2:
         return False
     oh, ow = geo.out_spatial
     th, tw = tiles(oh, ow)
-    return (th * tw >= 8 and TILE * TILE * th * tw <= MAX_WASTE * oh * ow
-            and geo.channels >= 16 and geo.num_output >= 16
+    return (th * tw >= MIN_TILES and TILE * TILE * th * tw <= MAX_WASTE * oh * ow
+            and geo.channels >= 16 and geo.channels % config.unroll == 0
+            and geo.num_output >= 16
             and ALPHA * ALPHA * geo.channels * geo.num_output * 4 <= WEIGHT_BUDGET)
 
 
@@ -167,7 +173,6 @@ def lower(k, n, geo, x_off, params, steps, tensors, out_off):
     PH, PW = geo.pad
     OH, OW = geo.out_spatial
     N, C, O = geo.num, geo.channels, geo.num_output
-    P = OH * OW
     TH, TW = tiles(OH, OW)
     T = TH * TW
     nblk = -(-TW // vw)                      # blocks of vw tiles per row of tiles
@@ -184,22 +189,30 @@ def lower(k, n, geo, x_off, params, steps, tensors, out_off):
     u_stride = packed[0].size
     b_src = k.param_src(params[1]) if bias else None
 
-    chunk = max(1, min(N, CHUNK_BUDGET // (4 * E * (C + O) * T)))
-    # tiles per row of V and M: 64-byte rows, and room for the vector that reads past the
-    # last tile (its lanes are not stored)
+    chunk = max(1, min(N, CHUNK_BUDGET // (4 * E * (C + O) * T),
+                       (SCRATCH_BUDGET // (4 * E) - 2 * k.gemm_config.nr) // T))
+    # tiles per row of M: 64-byte rows, and room for the vector that reads past the last
+    # tile (its lanes are not stored)
     ld = -(-(chunk * T + vw) // 16) * 16
-    v_off = k.temp(4 * E * C * ld, "winograd_v")
+    # V[e]: the GEMM's B (C x tiles) as its packed panels of NR tiles (gemm.pack_b_panels)
+    nr = k.gemm_config.nr
+    v_stride = -(-chunk * T // nr) * nr * C
+    v_off = k.temp(4 * E * v_stride, "winograd_v")
     m_off = k.temp(4 * E * O * ld, "winograd_m")
-    # scratch: the padded plane and the rows of the vertical pass (6 x Wq), then slack
-    k.need_scratch(4 * (plane + ALPHA * Wq + 2 * vw))
+    # scratch: the padded plane, the rows of the vertical pass (6 x Wq), a channel's
+    # transformed tiles (E rows of sld: with room for the vector past the last tile and
+    # the last panel's columns past it), and slack for the vertical pass reading past
+    # the plane's end
+    sld = -(-(chunk * T + vw) // nr) * nr
+    k.need_scratch(4 * (plane + ALPHA * Wq + E * sld + 2 * vw))
     k.need_scratch(k.gemm_workspace_bytes())
-    gemm = k.gemm(ProgramEpilogue([], "row", False), packed_a=True)
+    gemm = k.gemm(ProgramEpilogue([], "row", False), packed_a=True, packed_b=True)
     dims = (H, W, 3, 3, 1, 1, PH, PW, 1, 1, OH, OW)
 
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
-        _input_step(k, n, x_off, v_off, first, imgs, geo, dims, (Hq, Wq), ld, emit_phases,
-                    _arena)
+        _input_step(k, n, x_off, v_off, first, imgs, geo, dims, (Hq, Wq), v_stride, sld,
+                    emit_phases, _arena)
         # the 36 products
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_wgemm"))
         up = k.ptr(b, a, u_src)
@@ -207,7 +220,7 @@ def lower(k, n, geo, x_off, params, steps, tensors, out_off):
         lo, hi = part_range(b, E, a["part"], a["nparts"])
         with loop(b, lo, hi, name="e") as e:
             b.call(gemm, [i64(O), i64(imgs * T), i64(C), fptr(b, up, b.mul(e, i64(u_stride))),
-                          i64(C), fptr(b, vp, b.mul(e, i64(C * ld))), i64(ld),
+                          i64(C), fptr(b, vp, b.mul(e, i64(v_stride))), i64(nr),
                           fptr(b, mp, b.mul(e, i64(O * ld))), i64(ld), ir.Constant(I32, 0),
                           i64(0), i64(1), a["scratch"]])
         b.ret_void()
@@ -215,8 +228,13 @@ def lower(k, n, geo, x_off, params, steps, tensors, out_off):
         _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors, _arena)
 
 
-def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, ld, emit_phases, _arena):
-    vw = k.gemm_config.vw
+def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, v_stride, sld, emit_phases,
+                _arena):
+    """Parts over input channels; per channel, the images' tiles go to the thread's
+    scratch (row e: the tiles in order, sld floats apart; a vector of tiles past a row
+    of tiles is overwritten by the next row's), then into channel c's row of each packed
+    panel of V[e] with whole-vector copies (a channel's panel rows are its part's alone)."""
+    vw, nr = k.gemm_config.vw, k.gemm_config.nr
     Hq, Wq = hw
     H, W = geo.spatial
     C = geo.channels
@@ -226,28 +244,34 @@ def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, ld, emit_phases,
     xp, vp = k.ptr(b, a, _arena(x_off)), k.ptr(b, a, _arena(v_off))
     pp = a["scratch"]                                  # the padded plane
     rp = fptr(b, pp, Hq * Wq)                          # the vertical pass: ALPHA rows of Wq
-    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
-    with loop(b, lo, hi, name="plane") as item:
-        img, c = b.udiv(item, i64(C)), b.urem(item, i64(C))
-        emit_phases(b, fptr(b, xp, b.mul(b.add(item, i64(first * C)), i64(H * W))), pp, dims,
-                    (Hq, Wq, [(0, 0)]))
-        vrow = fptr(b, vp, b.add(b.mul(c, i64(ld)), b.mul(img, i64(T))))
-        with loop(b, 0, TH, name="ty") as ty:
-            src = fptr(b, pp, b.mul(ty, i64(TILE * Wq)))
-            with loop(b, 0, Wq, vw, name="x") as x:
-                rows = [load_vec(b, src, b.add(x, i64(i * Wq)), vw) for i in range(ALPHA)]
-                for r in range(ALPHA):
-                    store_vec(b, _combine(b, BT[r], rows), rp, b.add(x, i64(r * Wq)))
-            dst = fptr(b, vrow, b.mul(ty, i64(TW)))
-            for blk in range(nblk):                    # unrolled: the last one is masked
-                mask = _mask(vw, TW - blk * vw)
-                for r in range(ALPHA):
-                    loads = [load_vec(b, rp, r * Wq + TILE * vw * blk + v * vw, vw)
-                             for v in range(5)]
-                    q = _deinterleave(b, loads, vw)
-                    for s in range(ALPHA):
-                        store_vec(b, _combine(b, BT[s], q), dst,
-                                  (r * ALPHA + s) * C * ld + blk * vw, mask)
+    sp = fptr(b, rp, ALPHA * Wq)                       # the channel's tiles: E rows of sld
+    lo, hi = part_range(b, C, a["part"], a["nparts"])
+    with loop(b, lo, hi, name="c") as c:
+        with loop(b, 0, imgs, name="img") as img:
+            plane = b.add(b.mul(b.add(img, i64(first)), i64(C)), c)
+            emit_phases(b, fptr(b, xp, b.mul(plane, i64(H * W))), pp, dims, (Hq, Wq, [(0, 0)]))
+            with loop(b, 0, TH, name="ty") as ty:
+                src = fptr(b, pp, b.mul(ty, i64(TILE * Wq)))
+                with loop(b, 0, Wq, vw, name="x") as x:
+                    rows = [load_vec(b, src, b.add(x, i64(i * Wq)), vw) for i in range(ALPHA)]
+                    for r in range(ALPHA):
+                        store_vec(b, _combine(b, BT[r], rows), rp, b.add(x, i64(r * Wq)))
+                dst = fptr(b, sp, b.add(b.mul(img, i64(T)), b.mul(ty, i64(TW))))
+                for blk in range(nblk):
+                    for r in range(ALPHA):
+                        loads = [load_vec(b, rp, r * Wq + TILE * vw * blk + v * vw, vw)
+                                 for v in range(5)]
+                        q = _deinterleave(b, loads, vw)
+                        for s in range(ALPHA):
+                            store_vec(b, _combine(b, BT[s], q), dst,
+                                      (r * ALPHA + s) * sld + blk * vw)
+        # panel q of V[e]: columns q*nr.. at q * C * nr, channel c's row at c * nr in it
+        with loop(b, 0, -(-imgs * T // nr), name="q") as q:
+            src = fptr(b, sp, b.mul(q, i64(nr)))
+            dst = fptr(b, vp, b.add(b.mul(q, i64(C * nr)), b.mul(c, i64(nr))))
+            for e in range(E):
+                for v in range(0, nr, vw):
+                    store_vec(b, load_vec(b, src, e * sld + v, vw), dst, e * v_stride + v)
     b.ret_void()
     k.add_step(fn.name, imgs * C * (Hq * Wq + T * E * 8))
 
