@@ -80,19 +80,21 @@ def test_native_matches_numpy(native, rng, threads):
 
 @pytest.mark.parametrize("M,N,K", [(300, 40, 50), (5, 700, 30), (64, 64, 9)])
 def test_parts_partition_c(native, rng, M, N, K):
-    """Each part of the compiled entry point writes its own slice, and the parts cover C."""
+    """Each part of the compiled entry point writes its own slice (or nothing, where the
+    split's whole tiles run out before the last part), and the parts cover C."""
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((K, N)).astype(np.float32)
     C = np.full((M, N), np.nan, np.float32)
     nparts = 3
     written = np.zeros((M, N), bool)
+    busy = 0
     for part in range(nparts):
         native.function(M, N, K, A.ctypes.data, K, B.ctypes.data, N, C.ctypes.data, N, 0,
                         part, nparts, native.workspace(part))
         now = np.isfinite(C)
-        assert (now & ~written).any(), f"part {part} wrote nothing"
+        busy += bool((now & ~written).any())
         written = now
-    assert written.all()
+    assert busy >= 2 and written.all()
     assert rel_l2(C, A.astype(np.float64) @ B) <= 1e-5
 
 

@@ -369,9 +369,13 @@ class GemmGenerator:
     """
 
     # packing one element of A / of B, in flops of microkernel time (measured on Zen5:
-    # ~0.1-0.16 ns per A element, ~0.1 ns per B element at ~240 GFLOP/s)
+    # ~0.1-0.16 ns per A element, ~0.1 ns per B element at ~240 GFLOP/s).  B's is set 4x
+    # that: every part of a split by rows packs all of B again into its own workspace,
+    # and on Zen 3 (0.5 MiB L2, 2 threads) a split by columns was measured faster where
+    # the model called it close (a 512-channel 1x1 convolution of 14 x 14 pixels: 0.78
+    # instead of 0.87 ms; bench/results/cpu_gemm_split.md)
     PACK_A_COST = 40
-    PACK_B_COST = 24
+    PACK_B_COST = 96
     #: floats ahead of the microkernel that a pre-packed A is prefetched (0: none)
     PREFETCH_A = 1024
 
