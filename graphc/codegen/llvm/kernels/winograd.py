@@ -135,9 +135,36 @@ def _concat(b, vals):
     return vals[0]
 
 
-def _deinterleave(b, loads, vw):
+def _shuffle(b, x, y, lanes):
+    return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(lanes)), lanes))
+
+
+def _transpose8x4(b, v):
+    """For 4 vectors of 8 floats (columns x0 .. x0 + 32), the 4 vectors q[j] with lane
+    t = column x0 + 4t + j: a 4 x 4 transpose within each 128-bit half after swapping
+    halves (vperm2f128, then unpck*ps / unpck*pd: no lane-crossing permutes)."""
+    m = [_shuffle(b, v[0], v[2], [0, 1, 2, 3, 8, 9, 10, 11]),     # v0.lo | v2.lo
+         _shuffle(b, v[0], v[2], [4, 5, 6, 7, 12, 13, 14, 15]),   # v0.hi | v2.hi
+         _shuffle(b, v[1], v[3], [0, 1, 2, 3, 8, 9, 10, 11]),
+         _shuffle(b, v[1], v[3], [4, 5, 6, 7, 12, 13, 14, 15])]
+    lo01 = _shuffle(b, m[0], m[1], [0, 8, 1, 9, 4, 12, 5, 13])
+    hi01 = _shuffle(b, m[0], m[1], [2, 10, 3, 11, 6, 14, 7, 15])
+    lo23 = _shuffle(b, m[2], m[3], [0, 8, 1, 9, 4, 12, 5, 13])
+    hi23 = _shuffle(b, m[2], m[3], [2, 10, 3, 11, 6, 14, 7, 15])
+    # lane order within a half: tiles (m0, m1, m2, m3) = (0, 1, 2, 3); halves: 4..7
+    return [_shuffle(b, lo01, lo23, [0, 1, 8, 9, 4, 5, 12, 13]),
+            _shuffle(b, lo01, lo23, [2, 3, 10, 11, 6, 7, 14, 15]),
+            _shuffle(b, hi01, hi23, [0, 1, 8, 9, 4, 5, 12, 13]),
+            _shuffle(b, hi01, hi23, [2, 3, 10, 11, 6, 7, 14, 15])]
+
+
+def _deinterleave(b, loads, vw, shifted=None):
     """From 5 vectors holding columns x0 .. x0 + 5*vw, the 6 vectors q[j] (j < 6) with
-    lane t = column x0 + 4t + j: the j-th column of each of vw adjacent tiles."""
+    lane t = column x0 + 4t + j: the j-th column of each of vw adjacent tiles.  With 8
+    lanes (AVX2) and ``shifted`` (the 4 vectors from column x0 + 4): two in-lane
+    transposes instead of general permutes."""
+    if vw == 8 and shifted is not None:
+        return _transpose8x4(b, loads[:4]) + _transpose8x4(b, shifted)[:2]
     wide = _concat(b, loads[:4])                          # 4 vw lanes
     tail = _concat(b, [loads[4], loads[4], loads[4], loads[4]])
     out = []
@@ -259,9 +286,10 @@ def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, v_stride, sld, e
                 dst = fptr(b, sp, b.add(b.mul(img, i64(T)), b.mul(ty, i64(TW))))
                 for blk in range(nblk):
                     for r in range(ALPHA):
-                        loads = [load_vec(b, rp, r * Wq + TILE * vw * blk + v * vw, vw)
-                                 for v in range(5)]
-                        q = _deinterleave(b, loads, vw)
+                        x0 = r * Wq + TILE * vw * blk
+                        loads = [load_vec(b, rp, x0 + v * vw, vw) for v in range(5)]
+                        shifted = [load_vec(b, rp, x0 + TILE + v * vw, vw) for v in range(4)]
+                        q = _deinterleave(b, loads, vw, shifted)
                         for s in range(ALPHA):
                             store_vec(b, _combine(b, BT[s], q), dst,
                                       (r * ALPHA + s) * sld + blk * vw)
