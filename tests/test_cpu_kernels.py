@@ -262,6 +262,27 @@ def test_winograd(tmp_path, rng, cpu, threads, monkeypatch):
     assert len(re.findall(r'define void @"?gk_s\d+_cc_win"?\(', ir_text)) == 2
 
 
+def test_winograd_off(tmp_path, rng, monkeypatch):
+    """GRAPHC_WINOGRAD=0 at compile time keeps a layer Winograd would take on the GEMM
+    (same results; a separate cached library); any value but 0 or 1 is an error."""
+    from graphc.codegen.llvm.lower import lower_graph
+    from graphc.errors import GraphcError
+    from graphc.passes import run_pipeline
+    shapes = {"x": (1, 16, 16, 16)}
+    text = inputs_layer(shapes) + ('layer { name: "c" type: "Convolution" bottom: "x" '
+                                   'top: "c" convolution_param { num_output: 16 '
+                                   'kernel_size: 3 pad: 1 } }\n')
+    net = net_from_text(text, tmp_path, rng=rng)
+    win = re.compile(r'define void @"?gk_s\d+_c_win"?\(')
+    assert win.search(lower_graph(run_pipeline(net.graph), "native").ir)
+    monkeypatch.setenv("GRAPHC_WINOGRAD", "0")
+    assert not win.search(lower_graph(run_pipeline(net.graph), "native").ir)
+    check(tmp_path, text, shapes, rng)
+    monkeypatch.setenv("GRAPHC_WINOGRAD", "yes")
+    with pytest.raises(GraphcError, match="GRAPHC_WINOGRAD=yes is not 0 or 1"):
+        lower_graph(run_pipeline(net.graph), "native")
+
+
 def test_winograd_weights():
     """The transformed weights give the direct 3x3 sum on every 6 x 6 patch (float64)."""
     from graphc.codegen.llvm.kernels import winograd as wg

@@ -32,9 +32,12 @@ take 4x the room of the 3x3 ones, so large layers keep the GEMM convolution
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 
+from ....errors import GraphcError
 from ..gemm import pack_a_panels
 from ..irutil import I1, I32, fptr, i64, load_vec, loop, part_range, step_function, \
     store_vec
@@ -60,7 +63,7 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 #: False: every convolution keeps the GEMM lowering (for tests and comparisons; part of
-#: the build cache's key, as are the limits below, through settings())
+#: the build cache's key, as are the limits below and GRAPHC_WINOGRAD, through settings())
 ENABLED = True
 #: transformed weights (36 * O * C floats) larger than this keep the GEMM convolution
 WEIGHT_BUDGET = 16 << 20
@@ -74,9 +77,21 @@ CHUNK_BUDGET = 16 << 20
 SCRATCH_BUDGET = 1 << 20
 
 
+def enabled() -> bool:
+    """ENABLED, and not turned off by GRAPHC_WINOGRAD=0 when the net is compiled (for a
+    smaller library: the transformed weights take 4x the room of the 3x3 ones)."""
+    env = os.environ.get("GRAPHC_WINOGRAD", "1")
+    if env not in ("0", "1"):
+        raise GraphcError(f"GRAPHC_WINOGRAD={env} is not 0 or 1",
+                          hint="set GRAPHC_WINOGRAD=0 to compile every convolution as a "
+                               "GEMM, 1 (the default) to use Winograd where it pays, or "
+                               "unset it")
+    return ENABLED and env == "1"
+
+
 def settings() -> list:
     """What, besides the graph and the code, decides which convolutions this lowers."""
-    return [ENABLED, WEIGHT_BUDGET, MAX_WASTE, MIN_TILES, CHUNK_BUDGET, SCRATCH_BUDGET]
+    return [enabled(), WEIGHT_BUDGET, MAX_WASTE, MIN_TILES, CHUNK_BUDGET, SCRATCH_BUDGET]
 
 
 def tiles(oh: int, ow: int) -> tuple[int, int]:
@@ -88,7 +103,7 @@ def applies(geo, config) -> bool:
     dilation, no groups, a 2-D plane mostly made of whole tiles, channels enough for the
     36 products to be worth their transforms (input channels a multiple of the GEMM's
     unroll: V is written as its packed B panels), transformed weights within budget."""
-    if not ENABLED or geo.nsp != 2 or geo.group != 1 or tuple(geo.kernel) != (3, 3) \
+    if not enabled() or geo.nsp != 2 or geo.group != 1 or tuple(geo.kernel) != (3, 3) \
             or tuple(geo.stride) != (1, 1) or tuple(geo.dilation) != (1, 1) \
             or max(geo.pad) > 2:
         return False
