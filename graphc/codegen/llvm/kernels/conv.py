@@ -1,4 +1,5 @@
-"""Convolution: GEMM over image columns, or a direct depthwise kernel.
+"""Convolution: GEMM over image columns, Winograd's F(4x4, 3x3) for most 3x3 stride-1
+layers (winograd.py), or a direct depthwise kernel.
 
 For image n and group g, Caffe's convolution is the matrix product
 
@@ -97,7 +98,8 @@ def lower(k, n, anchor, steps, tensors, out_off):
                            geo.channels, geo.num_output,
                            geo.out_shape(), steps, tensors, out_off)
     dim, inner = channel_structure(geo.out_shape())
-    if winograd.applies(geo, k.gemm_config) and ProgramEpilogue(steps, "row", False).fits(dim, inner):
+    if winograd.applies(geo, k.gemm_config) and \
+            ProgramEpilogue(steps, "row", False).fits(dim, inner):
         return winograd.lower(k, n, geo, k.loc(x), params, steps, tensors, out_off)
     if geo.num > 1 and math.prod(geo.out_spatial) <= BATCH_P:
         return _batched_conv(k, n, geo, k.loc(x), params, steps, tensors, out_off)
