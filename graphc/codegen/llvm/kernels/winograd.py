@@ -209,7 +209,7 @@ def _mask(vw, n):
 def lower(k, n, geo, x_off, params, steps, tensors, out_off):
     """Steps for convolution node ``n`` (see the module docstring); ``steps``: its fused
     tail program, ``tensors``: the arena offsets of the tensors the tail reads."""
-    from .conv import _arena, emit_phases
+    from .conv import _arena
     vw = k.gemm_config.vw
     H, W = geo.spatial
     PH, PW = geo.pad
@@ -253,8 +253,7 @@ def lower(k, n, geo, x_off, params, steps, tensors, out_off):
 
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
-        _input_step(k, n, x_off, v_off, first, imgs, geo, dims, (Hq, Wq), v_stride, sld,
-                    emit_phases, _arena)
+        _input_step(k, n, x_off, v_off, first, imgs, geo, dims, (Hq, Wq), v_stride, sld)
         # the 36 products
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_wgemm"))
         up = k.ptr(b, a, u_src)
@@ -267,15 +266,15 @@ def lower(k, n, geo, x_off, params, steps, tensors, out_off):
                           i64(0), i64(1), a["scratch"]])
         b.ret_void()
         k.add_step(fn.name, 2 * E * O * C * imgs * T, per_thread=E, max_parts=E)
-        _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors, _arena)
+        _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors)
 
 
-def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, v_stride, sld, emit_phases,
-                _arena):
+def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, v_stride, sld):
     """Parts over input channels; per channel, the images' tiles go to the thread's
     scratch (row e: the tiles in order, sld floats apart; a vector of tiles past a row
     of tiles is overwritten by the next row's), then into channel c's row of each packed
     panel of V[e] with whole-vector copies (a channel's panel rows are its part's alone)."""
+    from .conv import _arena, emit_phases
     vw, nr = k.gemm_config.vw, k.gemm_config.nr
     Hq, Wq = hw
     H, W = geo.spatial
@@ -319,7 +318,8 @@ def _input_step(k, n, x_off, v_off, first, imgs, geo, dims, hw, v_stride, sld, e
     k.add_step(fn.name, imgs * C * (Hq * Wq + T * E * 8))
 
 
-def _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors, _arena):
+def _output_step(k, n, m_off, out_off, first, imgs, geo, ld, epi, b_src, tensors):
+    from .conv import _arena
     vw = k.gemm_config.vw
     OH, OW = geo.out_spatial
     O = geo.num_output
