@@ -221,6 +221,27 @@ def test_convolution_gathered_b(tmp_path, rng, cpu, monkeypatch):
     assert gathered == {f"c{i}" for i in range(len(cases))} | {"d_s_r", "e"}, gathered
 
 
+def test_convolution_gemm_parts(tmp_path, rng):
+    """A convolution GEMM at least WIDE_PANELS register tiles wide is cut into
+    WIDE_PARTS_PER_THREAD parts per thread, a narrower one into GEMM_PARTS_PER_THREAD;
+    both give the reference on 3 threads (24 and 12 parts, not a multiple of the tiles)."""
+    from graphc.codegen.llvm import gemm, jit
+    from graphc.codegen.llvm.kernels import conv
+    from graphc.codegen.llvm.lower import lower_graph
+    from graphc.passes import run_pipeline
+    nr = gemm.default_config(jit.target("native")).nr
+    wide = conv.WIDE_PANELS * nr    # pixels in WIDE_PANELS tiles (w: the last has one)
+    shapes = {"w": (1, 8, 1, wide - nr + 1), "n": (1, 8, 1, wide - nr)}
+    text = inputs_layer(shapes) + "".join(
+        f'layer {{ name: "{x}c" type: "Convolution" bottom: "{x}" top: "{x}c" '
+        f'convolution_param {{ num_output: 12 kernel_size: 1 }} }}\n' for x in shapes)
+    check(tmp_path, text, shapes, rng, threads=3)
+    net = net_from_text(text, tmp_path, rng=rng)
+    steps = lower_graph(run_pipeline(net.graph), "native").steps
+    per = {x: [s.per_thread for s in steps if f"_{x}c" in s.fn] for x in shapes}
+    assert per == {"w": [conv.WIDE_PARTS_PER_THREAD], "n": [conv.GEMM_PARTS_PER_THREAD]}, per
+
+
 @pytest.mark.parametrize("cpu,threads", [("generic", 3), ("native", 1), ("native", 2)])
 def test_winograd(tmp_path, rng, cpu, threads, monkeypatch):
     """3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) (kernels/winograd.py): planes

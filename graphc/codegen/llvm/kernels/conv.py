@@ -146,6 +146,21 @@ BATCH_P = 256
 #: 100 ms apart: 0.91-0.96x in three interleaved runs; back to back 0.98x; MobileNet v1
 #: and ResNet-50 0.99-1.01x; bench/results/cpu_gemm_parts.md)
 GEMM_PARTS_PER_THREAD = 4
+#: ... and of a GEMM at least WIDE_PANELS register tiles wide (>= 512 pixels on AVX2):
+#: the two vCPUs often run at different speeds (a traced MobileNet run: one CPU ~15%
+#: slower on every equal part), and 16 parts split a step closer to the speeds than 8
+#: while a column split still leaves each part 2 or more tiles.  Narrower GEMMs keep 4:
+#: there the extra parts repeat B's packing or A's streaming (ResNet-50 res4/res5 1.07-1.13x
+#: with 8 everywhere).  MobileNet v1's wide layers 0.90-0.97x, ResNet-50's 0.89-0.95x,
+#: whole nets 0.97-0.99x (bench/results/cpu_gemm_parts.md)
+WIDE_PARTS_PER_THREAD = 8
+WIDE_PANELS = 32
+
+
+def _gemm_parts(k, cols: int) -> int:
+    """Parts per thread for a convolution GEMM step of ``cols`` output columns."""
+    return WIDE_PARTS_PER_THREAD if -(-cols // k.gemm_config.nr) >= WIDE_PANELS \
+        else GEMM_PARTS_PER_THREAD
 
 
 def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
@@ -201,7 +216,7 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
                               ir.Constant(I32, int(accumulate)), a["part"], a["nparts"],
                               a["scratch"], *extra])
         b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=GEMM_PARTS_PER_THREAD)
+        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=_gemm_parts(k, P))
 
 
 @dataclass(frozen=True)
@@ -352,7 +367,7 @@ def _batched_conv(k, n, geo, x_off, params, steps, tensors, out_off):
                           bmat, i64(ld), fptr(b, tp, g * Og * ld), i64(ld),
                           ir.Constant(I32, 0), a["part"], a["nparts"], a["scratch"], *extra])
         b.ret_void()
-        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=GEMM_PARTS_PER_THREAD)
+        k.add_step(fn.name, 2 * imgs * O * P * K, per_thread=_gemm_parts(k, ld))
         # scatter: out[first + i, o, p] = tail(cmat[o, i * P + p])
         fn, b, a = step_function(k.mod, k.step_name(n.name + "_out"))
         tp = k.ptr(b, a, _arena(cmat))
