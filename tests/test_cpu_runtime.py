@@ -183,6 +183,41 @@ def test_c_api_errors(small):
     lib.graphc_destroy(None)   # a no-op, like free(NULL)
 
 
+def test_input_packed_when_set(tmp_path, rng, monkeypatch):
+    """An input whose only reader is a gathered convolution is packed by
+    graphc_set_input (its padded phase planes written once, into the arena's persistent
+    region); no run copies or pads it again.  A run without a new set_input reuses the
+    planes (the poisoned arena leaves them alone); a new input replaces them.  An input
+    that another layer reads too (here an Eltwise) is staged and copied as before."""
+    from graphc.codegen.llvm.lower import lower_graph
+    from graphc.passes import run_pipeline
+    text = """name: "packed"
+layer { name: "in" type: "Input" top: "data" top: "y" input_param { shape { dim: 2 dim: 3 dim: 41 dim: 40 } shape { dim: 2 dim: 8 dim: 21 dim: 20 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 8 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "cy" type: "Convolution" bottom: "y" top: "cy" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "s" type: "Eltwise" bottom: "cy" bottom: "y" bottom: "c1" top: "s" }
+"""
+    net = net_from_text(text, tmp_path, rng=rng)
+    prog = lower_graph(run_pipeline(net.graph), "native")
+    packers = {t.name: t.packer for t in prog.inputs}
+    assert packers["data"] and packers["y"] is None, packers
+    assert prog.persistent_bytes > 0
+    assert not any(s.fn.endswith("_pad") for s in prog.steps if "c1" in s.fn), prog.steps
+    monkeypatch.setenv("GRAPHC_POISON", "1")
+    cn = graphc.load(cached_library(net.graph), num_threads=2)
+    try:
+        for _ in range(2):
+            feed = {"data": rng.standard_normal((2, 3, 41, 40)).astype(np.float32),
+                    "y": rng.standard_normal((2, 8, 21, 20)).astype(np.float32)}
+            want = net.forward(**feed)["s"]
+            assert_close(cn.forward(**feed), {"s": want}, 1e-5)
+            assert cn.lib.graphc_run(cn._ctx) == 0       # the same inputs, run again
+            assert_close(cn._fetch(), {"s": want}, 1e-5)
+    finally:
+        cn.close()
+
+
 def test_python_forward_errors(small):
     net, lib_path, x = small
     cn = graphc.load(lib_path)

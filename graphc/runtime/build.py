@@ -142,6 +142,7 @@ def render_sources(program, header_name: str, embedded: bool, weights_file: str)
                guard=_guard(Path(header_name).stem + "_" + program.name),
                steps=program.steps, nodes=program.nodes, inputs=program.inputs,
                outputs=program.outputs, arena_bytes=program.arena_bytes,
+               persistent_bytes=program.persistent_bytes,
                scratch_bytes=program.scratch_bytes, weights_bytes=program.weights.size,
                fingerprint=program.weights.digest(), embedded=embedded,
                weights_file=weights_file,

@@ -5,8 +5,10 @@ concat-slices, inplace) whose params hold data, and its memory plan.  Output
 (``Program``): the module's IR text; the steps in execution order, each a generated
 function ``void f(i8 *arena, const i8 *weights, i8 *scratch, i64 part, i64 nparts)``
 tagged with its node and how many parts its work is worth; the packed weights; the
-arena layout (the plan's offsets, plus one temporary region for nodes that need it);
-and the per-thread scratch size.
+arena layout (the plan's offsets, plus one temporary region for nodes that need it, then
+a persistent region for what input packers write); the per-thread scratch size; and
+per input, the packer that set-input runs, if its only reader takes it packed (a
+convolution's zero-padded phase planes, kernels/conv.py).
 
 Views (Reshape, Flatten, Split) and Concats marked ``by_slices`` need no code: the
 memory plan already placed their outputs.  Each other node is lowered by the kernel
@@ -103,6 +105,8 @@ class TensorInfo:
     value: str       # the IR value
     shape: tuple[int, ...]
     offset: int      # in the arena
+    packer: str | None = None   # an input's packer (see KernelContext.input_packers)
+    pack_parts: int = 0         # and the parts its work splits into
 
     @property
     def numel(self) -> int:
@@ -121,6 +125,8 @@ class Program:
     scratch_bytes: int
     weights: WeightsBlob
     plan: MemoryPlan = field(repr=False, default=None)
+    #: the arena's last bytes: what input packers wrote (kept from one run to the next)
+    persistent_bytes: int = 0
 
 
 class KernelContext:
@@ -143,6 +149,14 @@ class KernelContext:
         self._gemms: dict[str, str] = {}
         self._helpers: dict[str, ir.Function] = {}
         self._nstep = 0
+        #: where a graph input's only reader packs it at set-input time instead of in a
+        #: step of each run (lower_graph: {input value: (packer function, parts)}; None:
+        #: not allowed, as in training, whose runner copies its inputs itself).  A packer
+        #: is a step function that graphc_set_input runs on the thread pool with the
+        #: caller's data as its third argument; it writes into the persistent region.
+        self.input_packers: dict[str, tuple[str, int]] | None = None
+        self.persistent_bytes = 0
+        self._persistent_base: ir.GlobalVariable | None = None
 
     # ---- where things are -----------------------------------------------------------
     def loc(self, value: str) -> int:
@@ -153,6 +167,23 @@ class KernelContext:
 
     def ptr(self, b: ir.IRBuilder, args: dict, src) -> ir.Value:
         return byte_ptr(b, args[src.base], src.offset)
+
+    def persistent(self, nbytes: int) -> int:
+        """Offset (in the persistent region, past the activations and temporaries) of a
+        new buffer that keeps its contents from one run to the next."""
+        off = self.persistent_bytes
+        self.persistent_bytes += _align(nbytes)
+        return off
+
+    def persistent_ptr(self, b: ir.IRBuilder, args: dict, off: int) -> ir.Value:
+        """Pointer to offset ``off`` of the persistent region (its base in the arena is
+        known once every node is lowered: a constant global that lower_graph sets)."""
+        if self._persistent_base is None:
+            gv = ir.GlobalVariable(self.mod, ir.IntType(64), "gk_persistent_base")
+            gv.linkage, gv.global_constant = "internal", True
+            self._persistent_base = gv
+        base = b.load(self._persistent_base, typ=ir.IntType(64))
+        return byte_ptr(b, args["arena"], b.add(base, ir.Constant(ir.IntType(64), off)))
 
     def param_data(self, pname: str) -> np.ndarray:
         p = self.g.params[pname]
@@ -278,6 +309,7 @@ def lower_graph(g: Graph, target: jit.Target | str = "native",
     check_supported(g)
     plan = plan or plan_memory(g)
     k = KernelContext(g, plan, target)
+    k.input_packers = {}
     nodes = []
     for i, n in enumerate(g.nodes):
         k.node_index, k.node = len(nodes), n
@@ -289,8 +321,13 @@ def lower_graph(g: Graph, target: jit.Target | str = "native",
         if n.op == "Concat" and n.attrs.get("by_slices"):
             continue
         lower_node(k, n)
-    inputs = [TensorInfo(g.blob_of.get(v, v), v, g.types[v].shape, k.loc(v)) for v in g.inputs]
+    inputs = [TensorInfo(g.blob_of.get(v, v), v, g.types[v].shape, k.loc(v),
+                         *k.input_packers.get(v, (None, 0))) for v in g.inputs]
     outputs = [TensorInfo(g.blob_of.get(v, v), v, g.types[v].shape, k.loc(v))
                for v in g.outputs]
+    persistent_base = _align(k.temp_base + k.temp_bytes)
+    if k._persistent_base is not None:
+        k._persistent_base.initializer = ir.Constant(ir.IntType(64), persistent_base)
     return Program(g.name, str(k.mod), k.steps, nodes, inputs, outputs,
-                   _align(k.temp_base + k.temp_bytes), k.scratch_bytes, k.weights, plan)
+                   persistent_base + k.persistent_bytes, k.scratch_bytes, k.weights, plan,
+                   k.persistent_bytes)

@@ -114,7 +114,21 @@ def lower(k, n, anchor, steps, tensors, out_off):
     epi = ProgramEpilogue(steps, "row", bias, skip)
     if not epi.fits(dim, inner):
         raise NotEpilogue("operand not per output channel")
-    _gemm_conv(k, n, geo, k.loc(x), params, epi, tensors, out_off, accumulate)
+    _gemm_conv(k, n, geo, k.loc(x), params, epi, tensors, out_off, accumulate,
+               packable=x if _sole_reader_of_input(k, n, anchor, x) else None)
+
+
+def _sole_reader_of_input(k, n, anchor, x) -> bool:
+    """May node n take graph input x packed at set-input time (lower.KernelContext.
+    input_packers): it is not an output, and only the convolution reads it (no other
+    node, nor a step of n's fused tail)?"""
+    g = k.g
+    if k.input_packers is None or x not in g.inputs or x in g.outputs or \
+            sum(v == x for m in g.nodes for v in m.inputs) != 1:
+        return False
+    i = n.inputs.index(x)
+    tail = [s for s in n.attrs.get("body", []) if s is not anchor] if n.op == "Fused" else []
+    return all(i not in s.get("inputs", []) for s in tail)
 
 
 def _accumulates(steps, j) -> bool:
@@ -163,7 +177,13 @@ def _gemm_parts(k, cols: int) -> int:
         else GEMM_PARTS_PER_THREAD
 
 
-def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
+def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate,
+               packable: str | None = None):
+    """The convolution as GEMMs, image by image; with ``packable`` (the input's value,
+    a graph input read by this node alone) the zero-padded phase planes are written by an input
+    packer when the input is set, into the persistent region, instead of by a step of
+    every run (it saves the run's copy of the input and that step: MobileNet v1 and
+    SqueezeNet 1.1 0.96-0.98x at batch 1, bench/results/cpu_input_packer.md)."""
     H, W, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW = _dims(geo)
     N, C, O, G = geo.num, geo.channels, geo.num_output, geo.group
     Cg, Og = C // G, O // G
@@ -176,18 +196,24 @@ def _gemm_conv(k, n, geo, x_off, params, epi, tensors, out_off, accumulate):
     # B read from zero-padded copies of the images (no column matrix) where it can be
     per_image = 4 * (C * gather.plane if gather else G * K * P)
     chunk = N if direct else max(1, min(N, COLS_BUDGET // max(per_image, 1)))
-    cols = None if direct else \
-        k.temp(4 * gather.floats(chunk * C), "padded") if gather else \
-        k.temp(chunk * per_image, "im2col")
+    packed = packable is not None and gather is not None
+    if packed:      # all the images, packed when the input is set
+        chunk, cols = N, k.persistent(4 * gather.floats(N * C))
+        k.input_packers[packable] = (_input_packer(k, n, cols, N, geo, gather), N * C)
+    else:
+        cols = None if direct else \
+            k.temp(4 * gather.floats(chunk * C), "padded") if gather else \
+            k.temp(chunk * per_image, "im2col")
     for first in range(0, N, chunk):
         imgs = min(chunk, N - first)
-        if gather:
+        if gather and not packed:
             _phase_step(k, n, x_off, cols, first, imgs, geo, gather)
-        elif not direct:
+        elif not direct and not packed:
             _im2col_step(k, n, x_off, cols, first, imgs, geo)
         fn, b, a = step_function(k.mod, k.step_name(n.name))
         xp = k.ptr(b, a, _arena(x_off))
-        cp = k.ptr(b, a, _arena(cols)) if cols is not None else None
+        cp = None if cols is None else k.persistent_ptr(b, a, cols) if packed else \
+            k.ptr(b, a, _arena(cols))
         yp = k.ptr(b, a, _arena(out_off))
         wp = k.ptr(b, a, w_src)
         bp = k.ptr(b, a, b_src) if b_src else None
@@ -270,21 +296,37 @@ def _gather_tables(k, name: str, dims, channels: int, group_channels: int,
                     k.gemm_config.vw)
 
 
-def _phase_step(k, n, x_off, dst, first, imgs, geo, gather: Gathered):
-    """A step writing images first..first+imgs to the arena at ``dst`` as zero-padded
-    phase planes (``gather.layout``: per channel, phase after phase, Hq x Wq each);
-    its items are (image, channel) planes."""
+def _phase_function(k, name, src, dst, planes, geo, gather: Gathered):
+    """A step function writing ``planes`` input planes (from ``src(b, args)``) as
+    zero-padded phase planes (``gather.layout``: per channel, phase after phase, Hq x Wq
+    each) to ``dst(b, args)``; its items are the planes."""
     H, W = _dims(geo)[:2]
-    C = geo.channels
-    fn, b, a = step_function(k.mod, k.step_name(n.name + "_pad"))
-    xp = k.ptr(b, a, _arena(x_off))
-    dp = k.ptr(b, a, _arena(dst))
-    lo, hi = part_range(b, imgs * C, a["part"], a["nparts"])
+    fn, b, a = step_function(k.mod, k.step_name(name))
+    xp, dp = src(b, a), dst(b, a)
+    lo, hi = part_range(b, planes, a["part"], a["nparts"])
     with loop(b, lo, hi, name="plane") as t:
-        emit_phases(b, fptr(b, xp, b.mul(b.add(t, i64(first * C)), i64(H * W))),
+        emit_phases(b, fptr(b, xp, b.mul(t, i64(H * W))),
                     fptr(b, dp, b.mul(t, i64(gather.plane))), _dims(geo), gather.layout)
     b.ret_void()
+    return fn
+
+
+def _phase_step(k, n, x_off, dst, first, imgs, geo, gather: Gathered):
+    """A step writing images first..first+imgs to the arena at ``dst`` as phase planes."""
+    H, W = _dims(geo)[:2]
+    C = geo.channels
+    fn = _phase_function(k, n.name + "_pad",
+                         lambda b, a: fptr(b, k.ptr(b, a, _arena(x_off)), first * C * H * W),
+                         lambda b, a: k.ptr(b, a, _arena(dst)), imgs * C, geo, gather)
     k.add_step(fn.name, imgs * C * gather.plane // 4)
+
+
+def _input_packer(k, n, dst, imgs, geo, gather: Gathered) -> str:
+    """The input packer writing all ``imgs`` images, from the caller's data (the
+    function's third argument), to the persistent region at ``dst`` as phase planes."""
+    return _phase_function(k, n.name + "_pack", lambda b, a: a["scratch"],
+                           lambda b, a: k.persistent_ptr(b, a, dst), imgs * geo.channels,
+                           geo, gather).name
 
 
 def emit_phases(b, src, out, dims, layout) -> None:
